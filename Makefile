@@ -1,0 +1,51 @@
+# peflow: `make demo` runs the pipeline on the built-in corpus, `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export PEFLOW_HOME ?= $(CURDIR)/.run
+# Offline-safe: no telemetry from GX, MLflow, Airflow or DVC.
+export GX_ANALYTICS_ENABLED := False
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
+export DVC_NO_ANALYTICS := 1
+export PYTEST_ADDOPTS ?=
+
+.PHONY: setup test test-fast demo up down bench lock clean dvc-yaml
+
+setup: $(VENV)/.installed ## venv + locked install (idempotent)
+
+$(VENV)/.installed: requirements/lock.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --no-deps -r requirements/lock.txt
+	$(BIN)/python -m pip install --no-deps -e .
+	@touch $@
+
+test: setup ## the whole suite (what CI runs)
+	$(BIN)/python -m pytest -m "not gpu" tests
+
+test-fast: setup ## unit tests only
+	$(BIN)/python -m pytest -m "not slow and not e2e and not gpu" tests/unit
+
+demo: setup ## the pipeline on the built-in corpus, under DVC
+	$(BIN)/python -m peflow.demo
+
+up: setup ## start local MLflow (and Airflow once the DAG exists) on 127.0.0.1
+	$(BIN)/python -m peflow.services up
+
+down: ## stop exactly what `make up` started
+	@test -x $(BIN)/python && $(BIN)/python -m peflow.services down || true
+
+bench: setup ## benchmarks; results land in bench/results/
+	$(BIN)/python bench/synth_speed.py
+
+lock: ## regenerate requirements/lock.txt from requirements/requirements.in
+	./scripts/lock.sh
+
+clean:
+	rm -rf .run data/corpus .pytest_cache
+
+dvc-yaml: setup ## regenerate dvc.yaml from the stage registry and params.yaml
+	$(BIN)/python -m peflow.pipeline params.yaml > dvc.yaml
