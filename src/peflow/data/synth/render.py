@@ -90,7 +90,7 @@ def object_colour(obj: SceneObject, s: int) -> np.ndarray:
     dx, dy = x - obj.cx, y - obj.cy
     u = (c * dx + si * dy) / max(obj.radius, 1e-3)
     v = (-si * dx + c * dy) / max(obj.radius, 1e-3)
-    base = np.array(vocab.all_colours()[obj.colour], np.float32)
+    base = np.array(obj.rgb if obj.rgb is not None else vocab.all_colours()[obj.colour], np.float32)
     if obj.texture == "rainbow":
         hues = (np.clip(u, -1, 1) * 0.5 + 0.5) * 0.85
         lut = np.array([colorsys.hsv_to_rgb(h, 0.85, 0.95) for h in np.linspace(0, 0.85, 64)], np.float32)
@@ -103,11 +103,12 @@ def object_colour(obj: SceneObject, s: int) -> np.ndarray:
     return np.clip((base * (1 - t) + second * t) * shade, 0, 255)
 
 
-def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+def render_scene(scene: Scene, background: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """Pixels of a scene: (rgb uint8 [S,S,3], mask uint8 [S,S], depth uint8 [S,S],
-    visible pixel count per object)."""
+    visible pixel count per object). `background` reuses a `render_background`."""
     s = scene.image_size
-    bg = render_background(scene)
+    bg = render_background(scene) if background is None else background
     img = bg.copy()
     mask = np.zeros((s, s), np.uint8)
     depth = np.full((s, s), 255, np.uint8)

@@ -29,6 +29,7 @@ class SceneObject:
     angle: float
     depth: float  #: 0 = nearest, 1 = background
     outline: int = 0  #: width of a dark cartoon outline (rendition), 0 = none
+    rgb: tuple[float, float, float] | None = None  #: overrides `colour` (colour changes in videos)
 
     def position(self, image_size: int) -> str:
         return position_of(self.cx, self.cy, image_size)
