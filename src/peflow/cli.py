@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import subprocess
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
@@ -58,6 +60,47 @@ def _stage_command(stage: stages.Stage) -> Any:
 
 for _stage in stages.STAGES:
     app.command(name=_stage.name, help=_stage.summary)(_stage_command(_stage))
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Run a distributed stage through its TorchX component: "
+    "`peflow launch pretrain -j 2x1 -- --preset nano --data D --out O`.",
+)
+def launch(
+    ctx: typer.Context,
+    stage: str = typer.Argument(..., help="a registered distributed stage, e.g. pretrain"),
+    j: str = typer.Option("2x1", "-j", help="{nnodes}x{nproc_per_node}"),
+    scheduler: str = typer.Option("local_cwd", help="local_cwd (this machine) or kubernetes (Volcano)"),
+    dryrun: bool = typer.Option(False, "--dryrun", help="print the scheduler request, run nothing"),
+    image: Optional[str] = typer.Option(None, help="container image (kubernetes)"),
+    gpu: Optional[int] = typer.Option(None, help="GPUs per node"),
+    cpu: Optional[int] = typer.Option(None, help="CPUs per node"),
+    mem_mb: Optional[int] = typer.Option(None, "--memMB", help="memory per node (MB)"),
+    queue: str = typer.Option("default", help="Volcano queue (kubernetes)"),
+    namespace: str = typer.Option("default", help="Kubernetes namespace"),
+    log_dir: Optional[str] = typer.Option(None, help="keep local replica logs here"),
+) -> None:
+    stage_obj = stages.get(stage)
+    if not stage_obj.distributed:
+        typer.secho(f"peflow launch: {stage} runs in-process; use `peflow {stage}`", fg="red", err=True)
+        raise typer.Exit(2)
+    if not (REPO / "components" / "launch.py").is_file():
+        typer.secho(f"peflow launch: needs a peflow checkout with components/ (looked in {REPO})", err=True)
+        raise typer.Exit(2)
+    argv = [sys.executable, "-m", "components.launch", stage, "-j", j, "--scheduler", scheduler,
+            "--queue", queue, "--namespace", namespace]
+    argv += ["--dryrun"] if dryrun else []
+    for flag, value in (("--image", image), ("--gpu", gpu), ("--cpu", cpu), ("--memMB", mem_mb),
+                        ("--log-dir", log_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    # TorchX lives in components/ (the library never imports it): run it as a child.
+    rc = subprocess.call([*argv, "--", *ctx.args], cwd=REPO)
+    raise typer.Exit(rc)
 
 
 def main(argv: list[str] | None = None) -> None:

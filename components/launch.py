@@ -1,0 +1,142 @@
+"""Launch a stage's TorchX component through the TorchX runner API.
+
+Used by `peflow launch` (as `python -m components.launch`) and by the Airflow
+DAG. Local launches stream every replica's log lines to `echo` while waiting;
+`dryrun` returns the scheduler request (for kubernetes: the Volcano Job YAML)
+without touching a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torchx.specs as specs
+from torchx.runner import get_runner
+
+SCHEDULERS = ("local_cwd", "kubernetes")
+
+
+def free_port() -> int:
+    """A free TCP port on this host, so concurrent launches never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_app(stage: str, stage_args: list[str], **component_args: Any) -> specs.AppDef:
+    """The AppDef of `components/<stage>.py:<stage>`."""
+    try:
+        module = importlib.import_module(f"components.{stage}")
+    except ModuleNotFoundError:
+        raise ValueError(f"stage {stage!r} has no TorchX component (components/{stage}.py)") from None
+    return getattr(module, stage)(*stage_args, **component_args)
+
+
+def scheduler_cfg(scheduler: str, *, queue: str, namespace: str, log_dir: str | None) -> dict[str, Any]:
+    if scheduler == "kubernetes":
+        return {"queue": queue, "namespace": namespace}
+    if scheduler == "local_cwd":
+        return {"log_dir": log_dir} if log_dir else {}
+    raise ValueError(f"unknown scheduler {scheduler!r}; known: {SCHEDULERS}")
+
+
+def dryrun(stage: str, stage_args: list[str], *, scheduler: str, queue: str = "default",
+           namespace: str = "default", **component_args: Any) -> str:
+    """The scheduler request as text (for kubernetes, the Volcano Job YAML)."""
+    app = build_app(stage, stage_args, **component_args)
+    with get_runner() as runner:
+        info = runner.dryrun(app, scheduler, cfg=scheduler_cfg(scheduler, queue=queue, namespace=namespace,
+                                                               log_dir=None), workspace=None)
+    return str(info)
+
+
+def run(
+    stage: str,
+    stage_args: list[str],
+    *,
+    scheduler: str = "local_cwd",
+    log_dir: str | None = None,
+    queue: str = "default",
+    namespace: str = "default",
+    echo: Callable[[str], None] = lambda line: print(line, flush=True),
+    **component_args: Any,
+) -> specs.AppStatus:
+    """Run the stage's component, stream its logs, wait; raise on failure."""
+    component_args.setdefault("rdzv_port", free_port())
+    app = build_app(stage, stage_args, **component_args)
+    if scheduler == "local_cwd":
+        # Replicas run `bash -c torchrun ...`: resolve torchrun from this interpreter's env.
+        bindir = str(Path(sys.executable).parent)
+        for role in app.roles:
+            role.env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    cfg = scheduler_cfg(scheduler, queue=queue, namespace=namespace, log_dir=log_dir)
+    with get_runner() as runner:
+        handle = runner.run(app, scheduler, cfg=cfg, workspace=None)
+        echo(f"launched {handle}")
+        tails = [
+            threading.Thread(target=_tail, args=(runner, handle, role.name, k, echo), daemon=True)
+            for role in app.roles
+            for k in range(role.num_replicas)
+        ]
+        for t in tails:
+            t.start()
+        status = runner.wait(handle, wait_interval=1)
+        for t in tails:
+            t.join(timeout=10)
+    if status is None:
+        raise RuntimeError(f"{handle}: the scheduler lost the app")
+    if status.state != specs.AppState.SUCCEEDED:
+        raise RuntimeError(f"{stage} failed on {scheduler}: {status.state.name}\n{status.format()}")
+    return status
+
+
+def _tail(runner: Any, handle: str, role: str, k: int, echo: Callable[[str], None]) -> None:
+    try:
+        for line in runner.log_lines(handle, role, k, should_tail=True):
+            echo(f"[{role}/{k}] {line.rstrip()}")
+    except Exception as e:  # a replica that never started has no log; wait() reports why
+        echo(f"[{role}/{k}] (log unavailable: {e})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="peflow launch", description=__doc__)
+    p.add_argument("stage")
+    p.add_argument("-j", default="2x1", help="{nnodes}x{nproc_per_node}")
+    p.add_argument("--scheduler", default="local_cwd", choices=SCHEDULERS)
+    p.add_argument("--dryrun", action="store_true")
+    p.add_argument("--image", default=None)
+    p.add_argument("--gpu", type=int, default=None)
+    p.add_argument("--cpu", type=int, default=None)
+    p.add_argument("--memMB", type=int, default=None)
+    p.add_argument("--queue", default="default")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--log-dir", default=None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:split])
+    stage_args = argv[split + 1:]
+    comp = {k: v for k, v in dict(j=a.j, image=a.image, gpu=a.gpu, cpu=a.cpu, memMB=a.memMB).items()
+            if v is not None}
+    try:
+        if a.dryrun:
+            print(dryrun(a.stage, stage_args, scheduler=a.scheduler, queue=a.queue, namespace=a.namespace,
+                         **comp))
+        else:
+            run(a.stage, stage_args, scheduler=a.scheduler, log_dir=a.log_dir, queue=a.queue,
+                namespace=a.namespace, **comp)
+    except (ValueError, RuntimeError) as e:
+        print(f"peflow launch: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""TorchX components: built without launching, and the Kubernetes dry-run
+request validated offline against the Kubernetes schemas."""
+
+import importlib
+
+import kubernetes_validate
+import pytest
+import torchx.specs as specs
+import yaml
+
+from components import launch
+from components.stage import stage_app
+from peflow import stages
+
+DISTRIBUTED = [s.name for s in stages.STAGES if s.distributed]
+K8S_VERSION = "1.33"
+
+
+@pytest.mark.parametrize("name", DISTRIBUTED)
+def test_every_distributed_stage_has_a_component(name):
+    fn = getattr(importlib.import_module(f"components.{name}"), name)
+    app = fn("--preset", "nano", "--data", "D", "--out", "O", j="2x1")
+    assert isinstance(app, specs.AppDef)
+    (role,) = app.roles
+    assert role.num_replicas == 2
+    cmd = " ".join(role.args)
+    assert "-m peflow.cli " + name in cmd and "--nproc_per_node 1" in cmd
+
+
+def test_stage_app_resources_and_env():
+    app = stage_app("synth", ["--preset", "test"], j="4x8", gpu=8, cpu=64, memMB=400_000)
+    (role,) = app.roles
+    assert role.resource.gpu == 8 and role.resource.cpu == 64
+    assert role.env["NCCL_DEBUG"] == "WARN" and role.env["OMP_NUM_THREADS"] == "8"
+    cpu_only = stage_app("synth", [], j="2x1", cpu=2)
+    assert "NCCL_DEBUG" not in cpu_only.roles[0].env
+
+
+def _volcano_job(text: str) -> dict:
+    job = yaml.safe_load(text)
+    assert job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
+    assert job["spec"]["schedulerName"] == "volcano" and job["spec"]["queue"] == "gpu-queue"
+    return job
+
+
+def test_kubernetes_dryrun_is_a_valid_volcano_job():
+    text = launch.dryrun(
+        "pretrain", ["--preset", "nano", "--data", "s3://bucket/corpus", "--out", "s3://bucket/pe"],
+        scheduler="kubernetes",
+        queue="gpu-queue", j="4x8", gpu=8, cpu=64, memMB=400_000, image="registry.example/peflow:1",
+    )
+    job = _volcano_job(text)
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 4
+    for t in tasks:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": t["name"]}, **t["template"]}
+        pod["metadata"] = {**t["template"].get("metadata", {}), "name": t["name"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)  # raises on a schema error
+        (c,) = pod["spec"]["containers"]
+        assert c["image"] == "registry.example/peflow:1"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["NCCL_DEBUG"] == "WARN"
+        assert "--nnodes 4 --nproc_per_node 8" in c["command"][-1]
+
+
+def test_schema_validation_can_fail():
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+           "spec": {"containers": [{"name": "c", "image": 3, "bogus": True}]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_unknown_stage_component_is_a_clear_error():
+    with pytest.raises(ValueError, match="no TorchX component"):
+        launch.build_app("no_such_stage", [])
