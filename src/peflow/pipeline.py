@@ -31,7 +31,9 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:
 def dvc_stage(stage: stages.Stage, params: dict[str, Any]) -> dict[str, Any]:
     """One `dvc.yaml` stage: the same `peflow <stage>` command a user types."""
     out = f"{DATA_ROOT}/{stage.name}"
-    cmd = ["peflow", stage.name, "--out", out]
+    # Distributed stages run through their TorchX component, as in the DAG.
+    launcher = ["peflow", "launch", stage.name, "-j", "${launch.j}", "--"] if stage.distributed else ["peflow", stage.name]
+    cmd = [*launcher, "--out", out]
     deps = [f"src/peflow/stages/{stage.name}.py", *stage.code]
     for option, upstream in stage.inputs:
         cmd += [f"--{option.replace('_', '-')}", f"{DATA_ROOT}/{upstream}"]
@@ -39,8 +41,9 @@ def dvc_stage(stage: stages.Stage, params: dict[str, Any]) -> dict[str, Any]:
     for key in sorted(params.get(stage.name, {})):
         cmd += [f"--{key.replace('_', '-')}", "${%s.%s}" % (stage.name, key)]
     entry: dict[str, Any] = {"cmd": " ".join(cmd), "deps": deps}
-    if stage.name in params:
-        entry["params"] = [stage.name]
+    entry["params"] = [k for k in ("launch", stage.name) if k in params and (k != "launch" or stage.distributed)]
+    if not entry["params"]:
+        del entry["params"]
     entry["outs"] = [out]
     return entry
 

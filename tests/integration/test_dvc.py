@@ -1,0 +1,50 @@
+"""DVC round trip: `dvc repro` the synth stage in a fresh git repo, `dvc push`
+to a local remote, clone, `dvc pull`, and get the same bytes back."""
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from peflow import io, pipeline
+from tests.helpers import BIN, ROOT, offline_env
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*args, cwd, env):
+    r = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{args} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def test_repro_push_pull_from_a_clean_clone(tmp_path):
+    env = offline_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                      GIT_COMMITTER_EMAIL="t@t")
+    repo, clone, remote = tmp_path / "repo", tmp_path / "clone", tmp_path / "remote"
+    repo.mkdir()
+    sh("git", "init", "-q", cwd=repo, env=env)
+    sh(BIN / "dvc", "init", "-q", cwd=repo, env=env)
+    sh(BIN / "dvc", "remote", "add", "-d", "local", remote, cwd=repo, env=env)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"synth": {"preset": "test", "seed": 3}}))
+    (repo / "dvc.yaml").write_text(pipeline.render_dvc_yaml(repo / "params.yaml"))
+    shutil.copytree(ROOT / "src", repo / "src")  # the stage's code deps
+
+    sh(BIN / "dvc", "repro", "synth", cwd=repo, env=env)
+    made = io.tree_hashes(repo / "data" / "synth", exclude=())
+    assert any(k.startswith("image/train/") for k in made)
+    assert "data/synth" in (repo / "dvc.lock").read_text()
+    assert "synth" in (repo / "data" / ".gitignore").read_text()
+    # a second repro with nothing changed does no work
+    assert "didn't change" in sh(BIN / "dvc", "repro", "synth", cwd=repo, env=env)
+
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "corpus", cwd=repo, env=env)
+    sh(BIN / "dvc", "push", cwd=repo, env=env)
+
+    sh("git", "clone", "-q", repo, clone, cwd=tmp_path, env=env)
+    assert not (clone / "data" / "synth").exists()
+    sh(BIN / "dvc", "pull", cwd=clone, env=env)
+    assert io.tree_hashes(clone / "data" / "synth", exclude=()) == made
+    assert "up to date" in sh(BIN / "dvc", "status", cwd=clone, env=env).lower()
