@@ -24,9 +24,8 @@ app = typer.Typer(
 )
 
 
-def _stage_command(stage: stages.Stage) -> Any:
-    """A typer callback whose options are the fields of the stage's Config."""
-    cls = stage.config_cls
+def _config_command(cls: type, call: Any, doc: str) -> Any:
+    """A typer callback whose options are the fields of the config dataclass `cls`."""
     params = []
     for f, tp in resolved_fields(cls):
         typ = base_type(tp)
@@ -47,20 +46,51 @@ def _stage_command(stage: stages.Stage) -> Any:
 
     def command(**kwargs: Any) -> None:
         try:
-            cfg = cls(**kwargs)
-            stage.run(cfg)
+            call(cls(**kwargs))
         except ValueError as e:
-            typer.secho(f"peflow {stage.name}: {e}", fg="red", err=True)
+            typer.secho(f"peflow: {e}", fg="red", err=True)
             raise typer.Exit(2) from None
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__doc__ = (stage.load().__doc__ or stage.summary).strip()
+    command.__doc__ = doc.strip()
     return command
+
+
+def _stage_command(stage: stages.Stage) -> Any:
+    return _config_command(stage.config_cls, lambda cfg: stage.run(cfg), stage.load().__doc__ or stage.summary)
 
 
 for _stage in stages.STAGES:
     app.command(name=_stage.name, help=_stage.summary)(_stage_command(_stage))
 
+
+def _run_pipeline(cfg: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from peflow import orchestration
+
+    console = Console()
+    summaries = orchestration.run_pipeline(cfg, echo=lambda m: console.rule(m.strip("= ")))
+    table = Table(title=f"pipeline run {cfg.out}")
+    for col in ("stage", "ran", "seconds", "metrics"):
+        table.add_column(col, overflow="fold")
+    for s in summaries:
+        metrics = ", ".join(f"{k}={v:.3g}" for k, v in s["metrics"].items() if isinstance(v, (int, float)))
+        table.add_row(s["stage"], "yes" if s["ran"] else "reused", f"{s['seconds']:.1f}", metrics)
+    console.print(table)
+
+
+def _register_run() -> None:
+    from peflow.orchestration import RunConfig
+
+    app.command(
+        name="run",
+        help="Run the whole pipeline (or --stage X) through the same task functions the DAG uses.",
+    )(_config_command(RunConfig, _run_pipeline, "Run the pipeline: every stage's folder at OUT/<stage>/."))
+
+
+_register_run()
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,219 @@
+"""Pipeline runs: the task functions the Airflow DAG calls and `peflow run` uses.
+
+One code path for both: the run config below is the DAG's Params form and
+`peflow run`'s options; `stage_argv` turns it into the same `peflow <stage>`
+options a user types; distributed stages go through their TorchX component
+(`launch` callback: the DAG passes the TorchX runner, `peflow run` a child
+`peflow launch`). No Airflow or TorchX import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peflow import io, stages, tracking
+from peflow.config import opt, req
+
+# Run-config fields handed to every stage whose Config has a field of that name.
+SHARED = ("preset", "seed", "recipe", "experiment", "max_failure_rate")
+BUILTIN = "builtin"
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """One pipeline run (the DAG's Params; `peflow run`'s options)."""
+
+    out: str = req("pipeline root: each stage writes OUT/<stage>/")
+    preset: str = opt("nano", "preset for every stage: corpus size and model size (test, nano, ...)")
+    data_source: str = opt(BUILTIN, "'builtin' generates the corpus (synth); or a path/URI of a corpus "
+                                    "in the same layout (WebDataset image-text shards, PVD video shards)")
+    scheduler: str = opt("local_cwd", "TorchX scheduler for distributed stages: local_cwd or kubernetes")
+    nodes: str = opt("2x1", "nodes x processes per node for distributed stages (TorchX -j)")
+    stage: str = opt("", "run only these stages (comma-separated); upstream outputs are reused")
+    recipe: str = opt("pe", "pretraining recipe: vanilla (CLIP) or pe (the PE-core recipe)")
+    seed: int = opt(0, "seed for data generation and training")
+    experiment: str = opt("peflow", "MLflow experiment name")
+    max_failure_rate: float = opt(0.05, "validation fails the run above this fraction of bad samples")
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("local_cwd", "kubernetes"):
+            raise ValueError(f"scheduler must be local_cwd or kubernetes, got {self.scheduler!r}")
+        for name in self.selected():
+            stages.get(name)
+
+    def selected(self) -> list[str]:
+        """The stages this run executes (all when `stage` is empty)."""
+        names = [s.strip() for s in self.stage.split(",") if s.strip()]
+        if not names:
+            names = [s.name for s in stages.STAGES]
+        if self.data_source != BUILTIN:
+            names = [n for n in names if n != "synth"]
+        return names
+
+
+def stage_dir(cfg: RunConfig, name: str) -> Path:
+    """Where a stage's output lives; with an external data source, synth's is that source."""
+    if name == "synth" and cfg.data_source != BUILTIN:
+        return Path(cfg.data_source)
+    return Path(cfg.out) / name
+
+
+def stage_argv(name: str, cfg: RunConfig) -> list[str]:
+    """`peflow <name>` options for this run: inputs, output, shared settings."""
+    stage = stages.get(name)
+    fields = {f.name for f in dataclasses.fields(stage.config_cls)}
+    argv = ["--out", str(stage_dir(cfg, name))]
+    for option, upstream in stage.inputs:
+        argv += [f"--{option.replace('_', '-')}", str(stage_dir(cfg, upstream))]
+    for key in SHARED:
+        if key in fields:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+    return argv
+
+
+def run_in_process(name: str, argv: list[str]) -> None:
+    """Run a stage in this process through the same CLI a user types."""
+    from peflow import cli
+
+    try:
+        cli.main([name, *argv])
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"peflow {name} exited with {e.code}") from None
+
+
+def launch_subprocess(name: str, argv: list[str], cfg: RunConfig) -> None:
+    """Run a distributed stage through `peflow launch` (TorchX) as a child process."""
+    cmd = [sys.executable, "-m", "peflow.cli", "launch", name, "-j", cfg.nodes, "--scheduler", cfg.scheduler,
+           "--", *argv]
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise RuntimeError(f"peflow launch {name} exited with {rc}")
+
+
+Launcher = Callable[[str, list[str], RunConfig], None]
+
+
+def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
+              launch: Launcher = launch_subprocess) -> dict[str, Any]:
+    """Run one stage of a pipeline run, or reuse its output when not selected.
+
+    Returns a small summary (fits in an Airflow XCom): output path, whether it
+    ran, seconds, and the stage's metrics.json.
+    """
+    stage = stages.get(name)
+    out = stage_dir(cfg, name)
+    t0 = time.monotonic()
+    ran = name in cfg.selected()
+    if not ran and not (out / io.MANIFEST).is_file() and not (name == "synth" and cfg.data_source != BUILTIN):
+        raise ValueError(f"stage {name} is not selected and has no output at {out} to reuse; run it first")
+    if ran:
+        if parent_run_id:
+            os.environ[tracking.PARENT_ENV] = parent_run_id
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", cfg.experiment)
+        argv = stage_argv(name, cfg)
+        if stage.distributed:
+            launch(name, argv, cfg)
+        else:
+            run_in_process(name, argv)
+    metrics = io.read_json(out / io.METRICS) if (out / io.METRICS).is_file() else {}
+    return {"stage": name, "out": str(out), "ran": ran, "seconds": round(time.monotonic() - t0, 2),
+            "metrics": metrics}
+
+
+def start_pipeline_run(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> str:
+    """Open the parent MLflow run of a pipeline run; returns its id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(Path(cfg.out) / "_"))
+    experiment = mlflow.set_experiment(cfg.experiment)
+    all_tags = {"peflow.preset": cfg.preset, "peflow.git_commit": git_commit(), **(tags or {})}
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment.experiment_id, run_name=f"pipeline-{Path(cfg.out).name}", tags=all_tags)
+    for k, v in dataclasses.asdict(cfg).items():
+        client.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+def end_pipeline_run(cfg: RunConfig, run_id: str, summaries: list[dict[str, Any]], *, failed: bool) -> None:
+    """Close the parent run: stage timings and every stage's metrics, prefixed by stage."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(Path(cfg.out) / "_"))
+    client = mlflow.MlflowClient()
+    for s in summaries:
+        if not s:
+            continue
+        client.log_metric(run_id, f"time/{s['stage']}_s", s["seconds"])
+        for k, v in s.get("metrics", {}).items():
+            if isinstance(v, (int, float)):
+                client.log_metric(run_id, k if k.startswith(s["stage"]) else f"{s['stage']}/{k}", float(v))
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_pipeline(cfg: RunConfig, *, launch: Launcher = launch_subprocess,
+                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """`peflow run`: every stage in order (selected ones run, others are reused)."""
+    parent = start_pipeline_run(cfg, tags={"peflow.orchestrator": "peflow run"})
+    summaries: list[dict[str, Any]] = []
+    failed = True
+    try:
+        for s in stages.STAGES:
+            if s.name == "synth" and cfg.data_source != BUILTIN:
+                continue
+            echo(f"== {s.name} ==")
+            summaries.append(run_stage(s.name, cfg, parent_run_id=parent, launch=launch))
+        failed = False
+    finally:
+        end_pipeline_run(cfg, parent, summaries, failed=failed)
+    return summaries
+
+
+def params_spec() -> dict[str, dict[str, Any]]:
+    """The run config as JSON-schema-style Params (name -> default, type, title, description).
+
+    The DAG wraps each entry in an Airflow `Param`; `out` is per DAG run.
+    """
+    kinds = {int: "integer", float: "number", str: "string", bool: "boolean"}
+    enums = {"scheduler": ["local_cwd", "kubernetes"], "recipe": ["vanilla", "pe"]}
+    spec: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "out":
+            continue
+        tp = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+        entry = {"default": f.default, "type": kinds[tp], "title": f.name.replace("_", " ").capitalize(),
+                 "description": f.metadata["help"]}
+        if f.name in enums:
+            entry["enum"] = enums[f.name]
+        spec[f.name] = entry
+    return spec
+
+
+def runs_root() -> Path:
+    """Where DAG runs keep their stage folders: $PEFLOW_RUNS, else $PEFLOW_HOME/runs."""
+    if os.environ.get("PEFLOW_RUNS"):
+        return Path(os.environ["PEFLOW_RUNS"])
+    return Path(os.environ.get("PEFLOW_HOME", ".run")).resolve() / "runs"
+
+
+def dag_run_config(params: dict[str, Any], run_id: str) -> RunConfig:
+    """The run config of one DAG run: its Params, and a folder named after the run id."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(out=str(runs_root() / safe), **{k: v for k, v in params.items() if k in known})
