@@ -133,3 +133,20 @@ def dataset_digest(path: str | Path) -> str:
         if "output_digest" in m:
             return m["output_digest"]
     return digest(tree_hashes(path))
+
+
+def dvc_md5(path: str | Path) -> str:
+    """The hash DVC records for `path` (`<md5>.dir` for a folder), as in dvc.lock.
+
+    Computed with DVC's own hashing (dvc-data), without a DVC repo or cache.
+    """
+    import tempfile
+
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, obj = build(HashFileDB(fs, tmp), str(Path(path).resolve()), fs, "md5", dry_run=True)
+    return obj.hash_info.value

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from peflow.io import dvc_md5
+
 PARENT_ENV = "PEFLOW_PARENT_RUN_ID"
 DEFAULT_EXPERIMENT = "peflow"
 
@@ -48,11 +50,14 @@ def stage_run(
     inputs: Mapping[str, str] | None = None,
     experiment: str | None = None,
     tags: Mapping[str, str] | None = None,
+    datasets: Mapping[str, str | Path] | None = None,
 ) -> Iterator[Any]:
     """Start the stage's MLflow run (child of the pipeline run when there is one).
 
-    Logs the whole config as params and the content hash of every input
-    dataset as `input.<name>.digest` tags; yields the active run.
+    Logs the whole config as params, the content digest of every input as
+    `input.<name>.digest`, and for every dataset folder read its DVC hash (the
+    md5 DVC records in dvc.lock) as `dvc.<name>.md5` with its path; yields the
+    active run.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
@@ -62,6 +67,10 @@ def stage_run(
     parent = os.environ.get(PARENT_ENV) or None
     all_tags = {"peflow.stage": stage, **dict(tags or {})}
     all_tags.update({f"input.{k}.digest": v for k, v in (inputs or {}).items()})
+    for name, path in (datasets or {}).items():
+        if Path(path).exists():
+            all_tags[f"dvc.{name}.md5"] = dvc_md5(path)
+            all_tags[f"dvc.{name}.path"] = str(Path(path).resolve())
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=all_tags) as run:
         params = {k: ("" if v is None else v) for k, v in _flatten(config).items()}
         mlflow.log_params(params)
