@@ -1,7 +1,14 @@
-"""`make demo`: run the stage graph on the built-in corpus under DVC, push the
-datasets to the DVC remote, and show what each stage made.
+"""`make demo`: the whole pipeline on the built-in corpus, through Airflow.
 
-`python -m peflow.demo [--root DIR]` (DIR: the DVC project, default the repo).
+1. `dvc repro synth` + `dvc push`: the nano corpus, versioned by DVC (data/synth).
+2. `make up`: a local `mlflow server` and `airflow standalone` on 127.0.0.1.
+3. Trigger `pe_pipeline` over Airflow's REST API with that corpus as data
+   source, follow it live until it ends.
+4. Print the Airflow and MLflow URLs, the login, time per stage, and the
+   run's metrics.
+
+`python -m peflow.demo [--preset nano]`. Ctrl-C stops following; stage
+outputs are written atomically, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -12,14 +19,21 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
-from peflow import io, pipeline, stages
+from peflow import io, orchestration, services
+from peflow.airflow_api import TERMINAL, AirflowAPI
 
 console = Console()
+DAG_ID = "pe_pipeline"
+STYLE = {"success": "green", "failed": "red", "running": "yellow", "up_for_retry": "magenta",
+         "upstream_failed": "red", "skipped": "dim"}
 
 
 def _dvc(root: Path, *args: str) -> None:
@@ -28,47 +42,91 @@ def _dvc(root: Path, *args: str) -> None:
     subprocess.run([exe, *args], cwd=root, check=True)
 
 
-def summary(root: Path) -> Table:
-    table = Table(title="peflow demo: what each stage made")
-    for col in ("stage", "output", "counts", "metrics"):
-        table.add_column(col, overflow="fold")
-    for s in stages.STAGES:
-        out = pipeline.stage_dir(root / pipeline.DATA_ROOT, s.name)
-        mpath = out / io.MANIFEST
-        if not mpath.is_file():
-            table.add_row(s.name, "(not run)", "", "")
-            continue
-        m = io.read_json(mpath)
-        counts = ", ".join(f"{k}={v}" for k, v in m.get("counts", {}).items())
-        metrics = ""
-        if (out / io.METRICS).is_file():
-            metrics = ", ".join(f"{k}={v:.3g}" for k, v in json.loads((out / io.METRICS).read_text()).items())
-        table.add_row(s.name, str(out.relative_to(root)), counts, metrics)
+def _seconds(ti: dict[str, Any]) -> float | None:
+    if ti.get("duration") is not None:
+        return float(ti["duration"])
+    if ti.get("start_date"):
+        start = datetime.fromisoformat(ti["start_date"].replace("Z", "+00:00"))
+        return (datetime.now(start.tzinfo) - start).total_seconds()
+    return None
+
+
+def task_table(run_id: str, tis: list[dict[str, Any]], elapsed: float, state: str) -> Table:
+    table = Table(title=f"{DAG_ID} {run_id}: {state} ({elapsed:.0f}s)")
+    for col in ("task", "state", "try", "seconds"):
+        table.add_column(col)
+    order = {t: i for i, t in enumerate(["start_run", *[s.name for s in orchestration.stages.STAGES], "end_run"])}
+    for ti in sorted(tis, key=lambda t: order.get(t["task_id"], 99)):
+        st = ti.get("state") or "queued"
+        sec = _seconds(ti)
+        table.add_row(ti["task_id"], f"[{STYLE.get(st, '')}]{st}[/]", str(ti.get("try_number", "")),
+                      "" if sec is None else f"{sec:.1f}")
+    return table
+
+
+def follow(api: AirflowAPI, run_id: str, poll: float = 2.0) -> tuple[str, list[dict[str, Any]], float]:
+    t0 = time.monotonic()
+    state, tis = "queued", []
+    with Live(console=console, refresh_per_second=2) as live:
+        while True:
+            run = api.dag_run(DAG_ID, run_id)
+            state = run["state"]
+            tis = api.task_instances(DAG_ID, run_id)
+            live.update(task_table(run_id, tis, time.monotonic() - t0, state))
+            if state in TERMINAL:
+                return state, tis, time.monotonic() - t0
+            time.sleep(poll)
+
+
+def metrics_table(run_root: Path) -> Table:
+    table = Table(title="metrics")
+    table.add_column("stage")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for s in orchestration.stages.STAGES:
+        path = run_root / s.name / io.METRICS
+        if path.is_file():
+            for k, v in json.loads(path.read_text()).items():
+                table.add_row(s.name, k, f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m peflow.demo", description=__doc__)
-    p.add_argument("--root", default=".", help="the DVC project (default: current folder)")
+    p = argparse.ArgumentParser(prog="python -m peflow.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="nano")
+    p.add_argument("--recipe", default="pe", choices=["pe", "vanilla"])
     a = p.parse_args(argv)
-    root = Path(a.root).resolve()
+    root = services.REPO
     t0 = time.monotonic()
     try:
-        _dvc(root, "repro")
+        _dvc(root, "repro", "synth")
         _dvc(root, "push")
+        for s in services.services():
+            s.start(timeout=300)
+        api = AirflowAPI(services.airflow_url(), "admin", services.airflow_password())
+        api.wait_for_dag(DAG_ID)
+        conf = {"preset": a.preset, "recipe": a.recipe, "data_source": str(root / "data" / "synth")}
+        run_id = api.trigger(DAG_ID, conf)
+        console.print(f"triggered {DAG_ID} run {run_id} with {conf}")
+        state, tis, wall = follow(api, run_id)
     except subprocess.CalledProcessError as e:
         console.print(f"[red]demo failed: {' '.join(map(str, e.cmd))} exited {e.returncode}[/]")
         return 1
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: stage outputs are written atomically, nothing half-written[/]")
+        console.print("[yellow]stopped following; outputs are written atomically, nothing half-written. "
+                      "The run goes on in Airflow (`make down` stops it).[/]")
         return 130
-    console.print(summary(root))
-    card = root / pipeline.DATA_ROOT / "synth" / "card.md"
-    if card.is_file():
-        console.print(f"dataset card: {card.relative_to(root)}")
-    console.print(f"demo finished in {time.monotonic() - t0:.0f}s; datasets are tracked in dvc.lock and "
-                  f"pushed to the DVC remote ({root / '.dvc' / 'config'})")
-    return 0
+    run_root = orchestration.runs_root() / "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    stage_secs = sum(_seconds(t) or 0 for t in tis if t["task_id"] in {s.name for s in orchestration.stages.STAGES})
+    console.print(metrics_table(run_root))
+    console.print(f"pipeline {state} in {wall:.0f}s wall; stage tasks {stage_secs:.0f}s; "
+                  f"orchestration (scheduling, start/end tasks) {wall - stage_secs:.0f}s; "
+                  f"whole demo {time.monotonic() - t0:.0f}s")
+    console.print(f"Airflow: {services.airflow_url()}/dags/{DAG_ID}  login admin / {services.airflow_password()}")
+    console.print(f"MLflow:  {services.mlflow_uri()}  (experiment 'peflow')")
+    console.print(f"outputs: {run_root}")
+    return 0 if state == "success" else 1
 
 
 if __name__ == "__main__":

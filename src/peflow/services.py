@@ -1,4 +1,6 @@
-"""Local services for the embedded default: `mlflow server` on 127.0.0.1.
+"""Local services for the embedded default, on 127.0.0.1: `mlflow server`
+(SQLite, local artifacts) and `airflow standalone` (SQLite, simple auth
+manager with a generated admin password, the repo's `dags/`).
 
 `python -m peflow.services up|down|status`. Each service runs in its own
 process group with its pid, log and data under $PEFLOW_HOME (default `.run/`),
@@ -7,7 +9,9 @@ so `down` stops exactly the processes `up` started.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -82,14 +86,16 @@ class Service:
         if pid is None:
             self.pidfile.unlink(missing_ok=True)
             return
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(100):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        for _ in range(200):
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 break
             time.sleep(0.1)
-        else:
+        # children that outlive the leader (airflow standalone's workers) go too
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
         print(f"{self.name}: stopped (pid {pid})")
@@ -120,15 +126,68 @@ def mlflow_service() -> Service:
     )
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def airflow_port() -> int:
+    return int(os.environ.get("PEFLOW_AIRFLOW_PORT", "8080"))
+
+
+def airflow_url() -> str:
+    return f"http://127.0.0.1:{airflow_port()}"
+
+
+def airflow_home() -> Path:
+    return home() / "airflow"
+
+
+def airflow_env() -> dict[str, str]:
+    """The environment of the local Airflow (and of its tasks)."""
+    ah = airflow_home()
+    return {
+        "AIRFLOW_HOME": str(ah),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(airflow_port()),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{airflow_url()}/execution/",
+        "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{ah / 'airflow.db'}",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "MLFLOW_TRACKING_URI": mlflow_uri(),
+        "PEFLOW_HOME": str(home()),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def airflow_service() -> Service:
+    airflow_home().mkdir(parents=True, exist_ok=True)
+    exe = str(Path(sys.executable).with_name("airflow"))
+    return Service(name="airflow", argv=[exe, "standalone"], health_url=f"{airflow_url()}/api/v2/version",
+                   env=airflow_env())
+
+
+def airflow_password(user: str = "admin", timeout: float = 60) -> str:
+    """The admin password `airflow standalone` generated (simple auth manager)."""
+    path = airflow_home() / "simple_auth_manager_passwords.json.generated"
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return json.loads(path.read_text())[user]
+
+
 def services() -> list[Service]:
-    return [mlflow_service()]
+    return [mlflow_service(), airflow_service()]
 
 
 def main(argv: list[str] | None = None) -> int:
     cmd = (argv if argv is not None else sys.argv[1:]) or ["status"]
     if cmd[0] == "up":
         for s in services():
-            s.start()
+            s.start(timeout=300)
+        print(f"Airflow UI: {airflow_url()}  (login admin / {airflow_password()})")
+        print(f"MLflow UI:  {mlflow_uri()}")
     elif cmd[0] == "down":
         for s in reversed(services()):
             s.stop()
