@@ -18,6 +18,9 @@ export PYTEST_ADDOPTS ?=
 setup: $(VENV)/.installed ## venv + locked install (idempotent)
 
 $(VENV)/.installed: requirements/lock.txt pyproject.toml
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "warning: could not install Debian's chromium (browser tests need it)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --no-deps -r requirements/lock.txt
 	$(BIN)/python -m pip install --no-deps -e .

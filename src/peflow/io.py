@@ -91,6 +91,11 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _location_free(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config without the output location: where a result lands is not part of it."""
+    return {k: v for k, v in config.items() if k != "out"}
+
+
 def write_manifest(
     out_dir: str | Path,
     *,
@@ -104,7 +109,7 @@ def write_manifest(
     outputs = tree_hashes(out_dir)
     manifest = {
         "stage": stage,
-        "config": dict(config),
+        "config": _location_free(config),
         "inputs": dict(inputs or {}),
         "counts": dict(counts or {}),
         "outputs": outputs,
@@ -120,7 +125,7 @@ def up_to_date(out_dir: str | Path, *, config: Mapping[str, Any], inputs: Mappin
     if not path.is_file():
         return False
     m = read_json(path)
-    same = m.get("config") == json.loads(json.dumps(dict(config), default=str))
+    same = m.get("config") == json.loads(json.dumps(_location_free(config), default=str))
     return same and m.get("inputs") == dict(inputs)
 
 

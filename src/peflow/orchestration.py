@@ -36,7 +36,7 @@ class RunConfig:
                                     "in the same layout (WebDataset image-text shards, PVD video shards)")
     scheduler: str = opt("local_cwd", "TorchX scheduler for distributed stages: local_cwd or kubernetes")
     nodes: str = opt("2x1", "nodes x processes per node for distributed stages (TorchX -j)")
-    stage: str = opt("", "run only these stages (comma-separated); upstream outputs are reused")
+    stage: str = opt("all", "stages to run: 'all', or a comma-separated list (the others' outputs are reused)")
     recipe: str = opt("pe", "pretraining recipe: vanilla (CLIP) or pe (the PE-core recipe)")
     seed: int = opt(0, "seed for data generation and training")
     experiment: str = opt("peflow", "MLflow experiment name")
@@ -50,7 +50,7 @@ class RunConfig:
 
     def selected(self) -> list[str]:
         """The stages this run executes (all when `stage` is empty)."""
-        names = [s.strip() for s in self.stage.split(",") if s.strip()]
+        names = [s.strip() for s in self.stage.split(",") if s.strip() not in ("", "all")]
         if not names:
             names = [s.name for s in stages.STAGES]
         if self.data_source != BUILTIN:

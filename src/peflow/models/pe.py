@@ -106,6 +106,7 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
                              embed_dim=1280, text_width=1280, text_heads=20, text_layers=24,
                              context_length=72, class_token=False),
 }
+MODEL_PRESETS["test"] = dataclasses.replace(MODEL_PRESETS["micro"], name="test", image_size=32, patch_size=8)
 MODEL_PRESETS["T"] = MODEL_PRESETS["pe-core-t16"]
 MODEL_PRESETS["S"] = MODEL_PRESETS["pe-core-s16"]
 MODEL_PRESETS["B"] = MODEL_PRESETS["pe-core-b16"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+from functools import cache
 
 import numpy as np
 
@@ -32,6 +33,11 @@ def _upsampled_noise(rng: np.random.Generator, s: int, cells: int) -> np.ndarray
     low = rng.uniform(0, 255, size=(cells, cells)).astype(np.uint8)
     up = Image.fromarray(low).resize((s, s), Image.Resampling.BILINEAR)
     return np.asarray(up, np.float32) / 127.5 - 1.0
+
+
+def depth_code(depth: float) -> int:
+    """The depth map value of an object layer: round(255 * depth), depth as stored in json (3 decimals)."""
+    return int(round(255 * round(depth, 3)))
 
 
 def render_background(scene: Scene) -> np.ndarray:
@@ -83,6 +89,11 @@ def _texture_amount(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.zeros_like(u)
 
 
+@cache
+def _rainbow_lut() -> np.ndarray:
+    return np.array([colorsys.hsv_to_rgb(h, 0.85, 0.95) for h in np.linspace(0, 0.85, 64)], np.float32)
+
+
 def object_colour(obj: SceneObject, s: int) -> np.ndarray:
     """Per-pixel colour of an object's surface, float32 [S, S, 3]."""
     x, y = _grid(s)
@@ -93,8 +104,7 @@ def object_colour(obj: SceneObject, s: int) -> np.ndarray:
     base = np.array(obj.rgb if obj.rgb is not None else vocab.all_colours()[obj.colour], np.float32)
     if obj.texture == "rainbow":
         hues = (np.clip(u, -1, 1) * 0.5 + 0.5) * 0.85
-        lut = np.array([colorsys.hsv_to_rgb(h, 0.85, 0.95) for h in np.linspace(0, 0.85, 64)], np.float32)
-        col = lut[np.clip((hues / 0.85 * 63).astype(int), 0, 63)] * 255
+        col = _rainbow_lut()[np.clip((hues / 0.85 * 63).astype(int), 0, 63)] * 255
         return 0.75 * col + 0.25 * base
     luma = 0.299 * base[0] + 0.587 * base[1] + 0.114 * base[2]
     second = base * 0.45 if luma > 150 else base * 0.45 + 255 * 0.55
@@ -127,7 +137,7 @@ def render_scene(scene: Scene, background: np.ndarray | None = None
             img = img * (1 - e) + (SKETCH_INK if scene.style == "sketch" else OUTLINE_INK) * e
         inside = fill >= 0.5
         mask[inside] = i + 1
-        depth[inside] = int(round(255 * o.depth))
+        depth[inside] = depth_code(o.depth)
     visible = np.bincount(mask.ravel(), minlength=len(scene.objects) + 1)[1:].tolist()
     rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return rgb, mask, depth, [int(v) for v in visible]

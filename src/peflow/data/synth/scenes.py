@@ -16,7 +16,7 @@ import numpy as np
 from peflow.data.synth import shapes, vocab
 from peflow.data.synth.render import render_visible
 from peflow.data.synth.world import (
-    Scene, _pick, place_secondary, sample_background, sample_object,
+    Scene, pick, place_secondary, sample_background, sample_object,
 )
 
 
@@ -31,24 +31,27 @@ def _secondaries(rng: np.random.Generator, scene: Scene, n: int, *, palette: dic
     used = {primary.category}
     for _ in range(n):
         size = "medium" if primary.size == "large" and rng.random() < 0.3 else "small"
-        cat = _pick(rng, [c for c in vocab.CATEGORIES if c not in used])
+        cat = pick(rng, [c for c in vocab.CATEGORIES if c not in used])
         o = sample_object(rng, image_size=scene.image_size, size=size, category=cat, palette=palette,
                           bg=scene.bg_colours, textures=textures, angle_range=angle_range,
                           depth=float(rng.uniform(0.4, 0.85)))
-        o.radius = min(o.radius, max_radius)
+        # the primary stays clearly the largest object whatever the two shapes are
+        by_area = primary.radius * np.sqrt(0.5 * shapes.unit_area(primary.category) / shapes.unit_area(cat))
+        o.radius = min(o.radius, max_radius, float(by_area))
         o.size = size_of(o.radius / scene.image_size)
         if place_secondary(rng, scene, o, overlap=overlap):
             scene.objects.append(o)
             used.add(cat)
 
 
-def _ordinary(rng: np.random.Generator, s: int, *, palette: dict = vocab.COLOURS,
+def _ordinary(rng: np.random.Generator, s: int, category: str | None, *, palette: dict = vocab.COLOURS,
               textures: tuple = vocab.TEXTURES, backgrounds: tuple = vocab.BACKGROUNDS) -> Scene:
-    kind = _pick(rng, backgrounds)
+    kind = pick(rng, backgrounds)
     scene = Scene(s, kind, sample_background(rng, kind), int(rng.integers(2**31)))
     size = "large" if rng.random() < 0.7 else "medium"
-    scene.objects.append(sample_object(rng, image_size=s, size=size, palette=palette, bg=scene.bg_colours,
-                                       textures=textures, position=_pick(rng, vocab.POSITIONS),
+    scene.objects.append(sample_object(rng, image_size=s, size=size, category=category, palette=palette,
+                                       bg=scene.bg_colours,
+                                       textures=textures, position=pick(rng, vocab.POSITIONS),
                                        depth=float(rng.uniform(0.1, 0.3))))
     n = int(rng.integers(0, 3))
     _secondaries(rng, scene, n, palette=palette, textures=textures,
@@ -56,16 +59,16 @@ def _ordinary(rng: np.random.Generator, s: int, *, palette: dict = vocab.COLOURS
     return scene
 
 
-def _sketch(rng: np.random.Generator, s: int) -> Scene:
-    scene = _ordinary(rng, s)
+def _sketch(rng: np.random.Generator, s: int, category: str | None) -> Scene:
+    scene = _ordinary(rng, s, category)
     scene.background, scene.bg_colours, scene.style = "white", [(255, 255, 255)], "sketch"
     for o in scene.objects:
         o.colour, o.texture = "black", "outline"
     return scene
 
 
-def _rendition(rng: np.random.Generator, s: int) -> Scene:
-    scene = _ordinary(rng, s, palette=vocab.RENDITION_COLOURS, textures=vocab.RENDITION_TEXTURES + ("solid",),
+def _rendition(rng: np.random.Generator, s: int, category: str | None) -> Scene:
+    scene = _ordinary(rng, s, category, palette=vocab.RENDITION_COLOURS, textures=vocab.RENDITION_TEXTURES + ("solid",),
                       backgrounds=("paper", "plain", "gradient"))
     scene.style = "rendition"
     for o in scene.objects:
@@ -73,17 +76,17 @@ def _rendition(rng: np.random.Generator, s: int) -> Scene:
     return scene
 
 
-def _clutter(rng: np.random.Generator, s: int, min_pixels: int) -> Scene:
-    kind = _pick(rng, vocab.BACKGROUNDS)
+def _clutter(rng: np.random.Generator, s: int, category: str | None, min_pixels: int) -> Scene:
+    kind = pick(rng, vocab.BACKGROUNDS)
     scene = Scene(s, kind, sample_background(rng, kind), int(rng.integers(2**31)))
-    p = sample_object(rng, image_size=s, size="large", bg=scene.bg_colours, position=_pick(rng, vocab.POSITIONS),
-                      depth=0.5)
+    p = sample_object(rng, image_size=s, size="large", category=category, bg=scene.bg_colours,
+                      position=pick(rng, vocab.POSITIONS), depth=0.5)
     p.radius = float(rng.uniform(0.25, 0.29)) * s
     scene.objects.append(p)
     others = [c for c in vocab.CATEGORIES if c != p.category]
     for j in range(int(rng.integers(4, 8))):
         front = j < int(rng.integers(1, 4))
-        o = sample_object(rng, image_size=s, size="small", category=_pick(rng, others), bg=scene.bg_colours,
+        o = sample_object(rng, image_size=s, size="small", category=pick(rng, others), bg=scene.bg_colours,
                           angle_range=180.0,
                           depth=float(rng.uniform(0.2, 0.45) if front else rng.uniform(0.55, 0.9)))
         if front:  # an occluder overlapping the primary's outline
@@ -99,11 +102,11 @@ def _clutter(rng: np.random.Generator, s: int, min_pixels: int) -> Scene:
         del scene.objects[occluders[-1]]
 
 
-def _pose(rng: np.random.Generator, s: int) -> Scene:
-    kind = _pick(rng, ("dark", "static", "noise"))
+def _pose(rng: np.random.Generator, s: int, category: str | None) -> Scene:
+    kind = pick(rng, ("dark", "static", "noise"))
     scene = Scene(s, kind, sample_background(rng, kind), int(rng.integers(2**31)))
     big = rng.random() < 0.5
-    p = sample_object(rng, image_size=s, size="large" if big else "medium", bg=scene.bg_colours,
+    p = sample_object(rng, image_size=s, size="large" if big else "medium", category=category, bg=scene.bg_colours,
                       depth=float(rng.uniform(0.1, 0.3)))
     p.radius = float(rng.uniform(0.33, 0.40) if big else rng.uniform(0.15, 0.19)) * s
     p.size = size_of(p.radius / s)
@@ -116,18 +119,19 @@ def _pose(rng: np.random.Generator, s: int) -> Scene:
     return scene
 
 
-def sample_image_scene(rng: np.random.Generator, shift: str | None, image_size: int, min_pixels: int) -> Scene:
-    """A scene for an ordinary split (`shift=None`) or one of `vocab.SHIFTS`."""
+def sample_image_scene(rng: np.random.Generator, shift: str | None, image_size: int, min_pixels: int,
+                       category: str | None = None) -> Scene:
+    """A scene for an ordinary split (`shift=None`) or one of `vocab.SHIFTS`; `category` fixes the label."""
     if shift is None:
-        scene = _ordinary(rng, image_size)
+        scene = _ordinary(rng, image_size, category)
     elif shift == "sketch":
-        scene = _sketch(rng, image_size)
+        scene = _sketch(rng, image_size, category)
     elif shift == "rendition":
-        scene = _rendition(rng, image_size)
+        scene = _rendition(rng, image_size, category)
     elif shift == "clutter":
-        scene = _clutter(rng, image_size, min_pixels)
+        scene = _clutter(rng, image_size, category, min_pixels)
     elif shift == "pose":
-        scene = _pose(rng, image_size)
+        scene = _pose(rng, image_size, category)
     else:
         raise ValueError(f"unknown shift {shift!r}; known: {vocab.SHIFTS}")
     scene.shift = shift

@@ -99,3 +99,15 @@ def coverage(category: str, cx: float, cy: float, radius: float, angle: float, i
         band = hi - eroded
         edge[y0:y1, x0:x1] = band.reshape(h, k, w, k).mean(axis=(1, 3)) / 255.0
     return fill, edge
+
+
+@cache
+def unit_area(category: str) -> float:
+    """Area of the shape at radius 1 (holes subtracted; polygons of one shape do not overlap
+    except holes inside the first)."""
+    area = 0.0
+    for p, v in outline(category):
+        x, y = p[:, 0], p[:, 1]
+        a = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+        area += a if v else -a
+    return area

@@ -16,8 +16,9 @@ import numpy as np
 
 from peflow.data.synth import vocab
 from peflow.data.synth.render import object_bbox, render_background, render_scene
+from peflow.data.synth.scenes import size_of
 from peflow.data.synth.world import (
-    Scene, SceneObject, _pick, place_secondary, sample_background, sample_colour, sample_object,
+    Scene, SceneObject, pick, place_secondary, sample_background, sample_colour, sample_object,
 )
 
 
@@ -67,10 +68,10 @@ def actor_at(base: SceneObject, action: str, m: dict[str, float], t: float, s: i
 def sample_video(rng: np.random.Generator, action: str, s: int, num_frames: int,
                  min_pixels: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """One video: (json record without text/QA, frames uint8 [T,S,S,3], masks uint8 [T,S,S])."""
-    kind = _pick(rng, vocab.BACKGROUNDS)
+    kind = pick(rng, vocab.BACKGROUNDS)
     scene = Scene(s, kind, sample_background(rng, kind), int(rng.integers(2**31)))
     cats = [c for c in vocab.CATEGORIES if not (action == "rotate" and c in vocab.ROUND_CATEGORIES)]
-    base = sample_object(rng, image_size=s, size="medium", category=_pick(rng, cats), bg=scene.bg_colours,
+    base = sample_object(rng, image_size=s, size="medium", category=pick(rng, cats), bg=scene.bg_colours,
                          textures=vocab.TEXTURES[1:] if action == "rotate" else vocab.TEXTURES, depth=0.2)
     m = _motion(rng, action, s)
     end_colour = base.colour
@@ -84,7 +85,7 @@ def sample_video(rng: np.random.Generator, action: str, s: int, num_frames: int,
     distractors = []
     used = {base.category}
     for _ in range(int(rng.integers(0, 3))):
-        cat = _pick(rng, [c for c in vocab.CATEGORIES if c not in used])
+        cat = pick(rng, [c for c in vocab.CATEGORIES if c not in used])
         o = sample_object(rng, image_size=s, size="small", category=cat, bg=scene.bg_colours,
                           depth=float(rng.uniform(0.5, 0.85)))
         if place_secondary(rng, ghosts, o, overlap=0.0, tries=20):
@@ -116,8 +117,8 @@ def sample_video(rng: np.random.Generator, action: str, s: int, num_frames: int,
         objects.append({"category": o.category, "colour": o.colour, "size": o.size, "texture": o.texture,
                         "bbox": object_bbox(masks_arr[0], i + 1), "position": o.position(s),
                         "depth": round(o.depth, 3), "role": "actor" if i == 0 else "distractor"})
-    objects[0].update(end_colour=end_colour, end_position=last.position(s),
-                      end_bbox=object_bbox(masks_arr[-1], 1))
+    objects[0].update(size=size_of(first.radius / s), end_size=size_of(last.radius / s), end_colour=end_colour,
+                      end_position=last.position(s), end_bbox=object_bbox(masks_arr[-1], 1))
     record = {"category": action, "label_id": vocab.ACTIONS.index(action), "objects": objects,
               "background": kind, "num_frames": num_frames, "width": s, "height": s,
               "motion": {"direction": m["direction"]}}
@@ -152,8 +153,9 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
     with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        # x264's own threads (not only ffmpeg's) must be 1, or frame sizes vary run to run
-        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "threads=1:lookahead-threads=1"}
+        # single-threaded and no macroblock-tree: with either, x264 gave run-to-run byte differences
+        stream.options = {"crf": str(crf), "preset": "veryfast",
+                          "x264-params": "threads=1:lookahead-threads=1:mbtree=0"}
         stream.codec_context.thread_count = 1
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         for i, f in enumerate(frames):

@@ -78,7 +78,7 @@ def sample_position(rng: np.random.Generator, label: str, image_size: int) -> tu
     return float(cx), float(cy)
 
 
-def _pick(rng: np.random.Generator, seq: tuple[str, ...] | list[str]) -> str:
+def pick(rng: np.random.Generator, seq: tuple[str, ...] | list[str]) -> str:
     return str(seq[int(rng.integers(len(seq)))])
 
 
@@ -111,7 +111,7 @@ def sample_colour(rng: np.random.Generator, palette: dict[str, tuple[int, int, i
     names = [n for n in palette if n not in avoid] or list(palette)
     bg_rgb = np.mean(np.array(bg, dtype=float), axis=0)
     for _ in range(20):
-        name = _pick(rng, names)
+        name = pick(rng, names)
         rgb = np.array(palette[name], dtype=float)
         if np.abs(rgb - bg_rgb).max() > 70 and abs(_luma(palette[name]) - _luma(tuple(bg_rgb))) > 25:
             return name
@@ -123,11 +123,11 @@ def sample_object(rng: np.random.Generator, *, image_size: int, size: str, categ
                   bg: list[tuple[int, int, int]] = ((128, 128, 128),), textures: tuple[str, ...] = vocab.TEXTURES,
                   position: str | None = None, angle_range: float = 15.0, depth: float = 0.5) -> SceneObject:
     """One object with random attributes (any attribute can be fixed)."""
-    category = category or _pick(rng, vocab.CATEGORIES)
+    category = category or pick(rng, vocab.CATEGORIES)
     colour = colour or sample_colour(rng, palette, list(bg))
     lo, hi = vocab.SIZES[size]
     radius = float(rng.uniform(lo, hi)) * image_size
-    texture = _pick(rng, textures) if rng.random() < 0.6 else textures[0]
+    texture = pick(rng, textures) if rng.random() < 0.6 else textures[0]
     if position is None:
         cx, cy = (float(v) for v in rng.uniform(0.12, 0.88, size=2) * image_size)
     else:
