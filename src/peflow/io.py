@@ -91,9 +91,14 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# Options that do not change what a stage writes: where it lands, how many
+# processes make it, where it is tracked.
+NOT_CONFIG = ("out", "workers", "threads", "experiment", "tracking_uri")
+
+
 def _location_free(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config without the output location: where a result lands is not part of it."""
-    return {k: v for k, v in config.items() if k != "out"}
+    """The config minus the options that cannot change the output (NOT_CONFIG)."""
+    return {k: v for k, v in config.items() if k not in NOT_CONFIG}
 
 
 def write_manifest(

@@ -133,8 +133,7 @@ def start_pipeline_run(cfg: RunConfig, *, tags: dict[str, str] | None = None) ->
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(Path(cfg.out) / "_"))
-    experiment = mlflow.set_experiment(cfg.experiment)
+    experiment = tracking.set_experiment(tracking.tracking_uri(Path(cfg.out) / "_"), cfg.experiment)
     all_tags = {"peflow.preset": cfg.preset, "peflow.git_commit": git_commit(), **(tags or {})}
     client = mlflow.MlflowClient()
     run = client.create_run(experiment.experiment_id, run_name=f"pipeline-{Path(cfg.out).name}", tags=all_tags)

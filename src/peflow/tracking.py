@@ -30,6 +30,22 @@ def tracking_uri(out_dir: str | Path) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def set_experiment(uri: str, name: str) -> Any:
+    """Point MLflow at `uri` and experiment `name`, creating it if needed.
+
+    With a local SQLite store, artifacts go beside the database (MLflow's own
+    default would be `./mlruns` under whatever folder the process runs in).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # created concurrently
+            mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+    return mlflow.set_experiment(name)
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -62,8 +78,7 @@ def stage_run(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(out_dir))
-    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    set_experiment(tracking_uri(out_dir), experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     parent = os.environ.get(PARENT_ENV) or None
     all_tags = {"peflow.stage": stage, **dict(tags or {})}
     all_tags.update({f"input.{k}.digest": v for k, v in (inputs or {}).items()})

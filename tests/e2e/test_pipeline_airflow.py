@@ -1,11 +1,13 @@
-"""End to end: the real `airflow standalone` (API server, scheduler, DAG
-processor, triggerer) and a real `mlflow server`; trigger pe_pipeline over
-REST with the tiny `test` preset, poll it to success, read the run tree back
-from the MLflow server."""
+"""End to end through the real stack: `airflow standalone` (API server,
+scheduler, DAG processor, triggerer) and a real `mlflow server`. Trigger
+pe_pipeline over REST with the tiny `test` preset, poll it to success, read the
+run tree back from the MLflow server, and look at it in headless Chromium."""
 
-import json
 import os
 import subprocess
+import time
+import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,9 @@ from peflow.airflow_api import AirflowAPI
 from tests.helpers import BIN, ROOT, free_port, offline_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ARTIFACTS = Path(os.environ.get("PEFLOW_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+CHROMIUM = "/usr/bin/chromium"
+ENV_KEYS = ("PEFLOW_HOME", "PEFLOW_AIRFLOW_PORT", "PEFLOW_MLFLOW_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -23,56 +28,107 @@ def stack(tmp_path_factory):
     py = str(BIN / "python")
     up = subprocess.run([py, "-m", "peflow.services", "up"], env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        os.environ.update({k: env[k] for k in ("PEFLOW_HOME", "PEFLOW_AIRFLOW_PORT", "PEFLOW_MLFLOW_PORT")})
+        os.environ.update({k: env[k] for k in ENV_KEYS})
         from peflow import services
 
-        yield services, env
+        yield services
     finally:
         subprocess.run([py, "-m", "peflow.services", "down"], env=env, cwd=ROOT, timeout=120)
-        for k in ("PEFLOW_HOME", "PEFLOW_AIRFLOW_PORT", "PEFLOW_MLFLOW_PORT"):
-            os.environ.pop(k, None)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def test_trigger_over_rest_and_read_runs_from_mlflow(stack, tiny_corpus):
-    services, env = stack
-    api = AirflowAPI(services.airflow_url(), "admin", services.airflow_password())
+@pytest.fixture(scope="module")
+def pipeline_run(stack, tiny_corpus):
+    api = AirflowAPI(stack.airflow_url(), "admin", stack.airflow_password())
     api.wait_for_dag("pe_pipeline")
     run_id = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "nodes": "2x1"})
-    import time
-
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        state = api.dag_run("pe_pipeline", run_id)["state"]
-        if state in ("success", "failed"):
-            break
+    deadline = time.monotonic() + 1200
+    state = "queued"
+    while time.monotonic() < deadline and state not in ("success", "failed"):
         time.sleep(3)
+        state = api.dag_run("pe_pipeline", run_id)["state"]
     tis = {t["task_id"]: t["state"] for t in api.task_instances("pe_pipeline", run_id)}
-    assert state == "success", f"{state}: {tis}\n" + _logs(services, run_id)
-    assert all(s == "success" for s in tis.values()), tis
+    return run_id, state, tis
+
+
+def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
+    run_id, state, tis = pipeline_run
+    assert state == "success", f"{state}: {tis}\n" + _logs(stack, run_id)
+    assert set(tis.values()) == {"success"}, tis
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=services.mlflow_uri())
+    client = mlflow.MlflowClient(tracking_uri=stack.mlflow_uri())
     exp = client.get_experiment_by_name("peflow")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("airflow.run_id") == run_id]
-    assert len(parents) == 1
-    parent = parents[0]
+    (parent,) = [r for r in runs if r.data.tags.get("airflow.run_id") == run_id]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["airflow.dag_id"] == "pe_pipeline"
+    assert len(parent.data.tags["peflow.git_commit"]) >= 7
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    stages = {r.data.tags["peflow.stage"] for r in children}
-    assert {"validate", "pretrain", "evaluate"} <= stages
-    for r in children:
-        assert any(k.startswith("dvc.") and k.endswith(".md5") for k in r.data.tags), r.data.tags
+    by_stage = {r.data.tags["peflow.stage"]: r for r in children}
+    assert {"validate", "pretrain", "evaluate"} <= set(by_stage)
+    for name in ("validate", "pretrain", "evaluate"):
+        tags = by_stage[name].data.tags
+        assert any(k.startswith("dvc.") and k.endswith(".md5") for k in tags), (name, tags)
+    assert any(k.startswith("zeroshot/") for k in parent.data.metrics), parent.data.metrics
 
 
-def _logs(services, run_id: str) -> str:
-    logs = services.airflow_home() / "logs"
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
+def _login(page, stack):
+    page.goto(stack.airflow_url() + "/", wait_until="networkidle")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", stack.airflow_password())
+    page.click("button:has-text('Sign in')")
+    page.wait_for_load_state("networkidle")
+    assert "/auth/login" not in page.url
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"), reason="needs Debian chromium")
+def test_browser_trigger_form_and_grid(stack, pipeline_run):
+    from playwright.sync_api import sync_playwright
+
+    run_id, state, _ = pipeline_run
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        _login(page, stack)
+
+        page.goto(stack.airflow_url() + "/dags/pe_pipeline", wait_until="networkidle")
+        page.get_by_role("button", name="Trigger").first.click()
+        form = page.get_by_role("dialog")
+        form.get_by_text("Run Parameters").wait_for()
+        text = form.inner_text()
+        page.screenshot(path=str(ARTIFACTS / "airflow-trigger-form.png"))
+        for title in ("Preset", "Data source", "Scheduler", "Nodes", "Stage", "Recipe", "Seed", "Experiment",
+                      "Max failure rate"):
+            assert title in text, f"Params form lacks {title!r}"
+        page.keyboard.press("Escape")
+
+        page.goto(f"{stack.airflow_url()}/dags/pe_pipeline/runs/{urllib.parse.quote(run_id, safe='')}",
+                  wait_until="networkidle")
+        page.get_by_text("Task Instances").first.wait_for()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(ARTIFACTS / "airflow-run-grid.png"), full_page=True)
+        for task_id in ("start_run", "synth", "validate", "pretrain", "evaluate", "end_run"):
+            row = page.locator("tr", has=page.locator(f"a[href$='/tasks/{task_id}']")).first
+            assert "Success" in row.inner_text(), f"{task_id}: {row.inner_text()!r}"
+        browser.close()
+
+
+def _logs(stack, run_id: str) -> str:
     out = []
-    for p in sorted(logs.rglob("*.log")):
-        if run_id.replace(":", "") in str(p).replace(":", "") or "run_id=" + run_id in str(p):
+    for p in sorted((stack.airflow_home() / "logs").rglob("*.log")):
+        if run_id in str(p):
             out.append(f"--- {p}\n{p.read_text()[-3000:]}")
     return "\n".join(out[-6:])

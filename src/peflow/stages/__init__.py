@@ -58,6 +58,28 @@ STAGES: tuple[Stage, ...] = (
         summary="Generate the built-in procedural corpus (image-text, shift splits, video, QA).",
         code=("src/peflow/data/synth",),
     ),
+    Stage(
+        name="validate",
+        module="peflow.stages.validate",
+        summary="Great Expectations suites on the corpus: bad samples quarantined with reasons, clean copy, Data Docs.",
+        inputs=(("data", "synth"),),
+        code=("src/peflow/validation",),
+    ),
+    Stage(
+        name="pretrain",
+        module="peflow.stages.pretrain",
+        summary="PE-core robust contrastive image pretraining (LAMB, progressive resolution, mask regularization).",
+        inputs=(("data", "validate"),),
+        distributed=True,
+        code=("src/peflow/train", "src/peflow/models"),
+    ),
+    Stage(
+        name="evaluate",
+        module="peflow.stages.evaluate",
+        summary="Zero-shot classification (clean and shift splits, robustness average) and image-text retrieval.",
+        inputs=(("checkpoint", "pretrain"), ("data", "validate")),
+        code=("src/peflow/evaluate",),
+    ),
 )
 
 
