@@ -43,6 +43,7 @@ down: ## stop exactly what `make up` started
 
 bench: setup ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/synth_speed.py
+	$(BIN)/python bench/train_step.py
 
 lock: ## regenerate requirements/lock.txt from requirements/requirements.in
 	./scripts/lock.sh

@@ -1,0 +1,194 @@
+"""Evaluate a PE-core CLIP model: zero-shot classification on the clean
+held-out split and each distribution-shift split, and image-text retrieval
+(paper App. B.1.2 protocols; metric names in docs/metrics.md).
+
+Outputs:
+  OUT/metrics.json   flat name -> number, the same numbers logged to MLflow
+  OUT/metrics.png    bar plot of the metrics
+  OUT/manifest.json  config, input hashes (corpus digest, checkpoint hash), counts
+
+The checkpoint is a peflow checkpoint folder (`model.safetensors` +
+`model.json`, e.g. the pretrain stage's output) or an official PE-Core `.pt`
+(then `--preset` names its architecture, e.g. pe-core-t16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peflow.config import opt, req
+
+STAGE = "evaluate"
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Options of `peflow evaluate`."""
+
+    checkpoint: str = req("Model to evaluate: a peflow checkpoint folder (model.safetensors + model.json, or a "
+                          "stage output holding one) or an official PE-Core .pt (needs --preset).")
+    data: str = req("Corpus folder (image/<split>/shard-*.tar and card.json, as `peflow synth` writes).")
+    out: str = req("Output folder (replaced atomically when the evaluation completes).")
+    preset: str | None = opt(None, "Model preset; required for an official .pt, else read from model.json.")
+    splits: str | None = opt(None, "Comma-separated splits to classify (default: test and every shift_* split).")
+    retrieval_split: str = opt("test", "Split whose captions are used for image-text retrieval.")
+    templates: str = opt("corpus", "Prompt template set: corpus, simple, openai or all.")
+    dsl_reweight: bool = opt(False, "Also report retrieval with PE's DSL re-weighting (retrieval_dsl/*).")
+    dsl_scale: float = opt(1.0, "Softmax scale of the DSL re-weighting.")
+    batch_size: int = opt(256, "Images or texts per forward pass.")
+    max_samples: int | None = opt(None, "Use at most this many samples per split (default: all).")
+    image_size: int | None = opt(None, "Input resolution (default: the model's native size).")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice).")
+    experiment: str = opt("peflow", "MLflow experiment name.")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a local "
+                                         "SQLite store beside OUT).")
+
+    def validate(self) -> None:
+        from peflow.evaluate.templates import get_templates
+
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        get_templates(self.templates)
+        if not Path(self.checkpoint).exists():
+            raise ValueError(f"checkpoint {self.checkpoint!r} does not exist")
+        if not Path(self.data).is_dir():
+            raise ValueError(f"data {self.data!r} is not a folder")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The model file or folder inside `path`: an official .pt as is; a folder
+    holding model.safetensors; or a stage output with exactly one such folder below it."""
+    from peflow.models.pe import MODEL_FILE
+
+    path = Path(path)
+    if path.is_file() or (path / MODEL_FILE).is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob(MODEL_FILE))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"{path}: no {MODEL_FILE} in this folder or below it, and not a .pt file")
+    raise ValueError(f"{path}: several checkpoints below it ({[str(p) for p in found]}); name one")
+
+
+def checkpoint_digest(path: Path) -> str:
+    """SHA-256 of an official .pt, or the content digest of a checkpoint folder."""
+    from peflow.io import dataset_digest, file_sha256
+
+    return file_sha256(path) if path.is_file() else dataset_digest(path)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[str]) -> tuple[dict, dict]:
+    """All metrics for `model` on `cfg.data`: (metrics, counts)."""
+    import torch
+
+    from peflow.evaluate.features import encode_image_split, encode_texts, eval_splits
+    from peflow.evaluate.retrieval import retrieval_metrics
+    from peflow.evaluate.templates import get_templates
+    from peflow.evaluate.zeroshot import class_embeddings, zeroshot_metrics
+
+    size = cfg.image_size or int(model.visual.image_size[0])
+    splits = eval_splits(cfg.data, cfg.splits)
+    feats = {}
+    for split in dict.fromkeys([*splits, cfg.retrieval_split]):
+        feats[split] = encode_image_split(model, cfg.data, split, image_size=size, batch_size=cfg.batch_size,
+                                          max_samples=cfg.max_samples, classnames=classnames)
+
+    def texts(t: list[str]) -> torch.Tensor:
+        return encode_texts(model, tokenizer, t, batch_size=cfg.batch_size)
+
+    classifier = class_embeddings(texts, classnames, get_templates(cfg.templates))
+    for split in splits:
+        if bool((feats[split].labels < 0).any()):
+            raise ValueError(f"{cfg.data}: split {split!r} has samples without a label (json label_id)")
+    metrics = zeroshot_metrics({s: (feats[s].image_emb, feats[s].labels) for s in splits}, classifier)
+
+    r = feats[cfg.retrieval_split]
+    text_emb = texts(r.captions)
+    metrics.update(retrieval_metrics(r.image_emb, text_emb, torch.arange(len(r)),
+                                     dsl=cfg.dsl_reweight, dsl_scale=cfg.dsl_scale))
+    counts = {f"images/{s}": len(f) for s, f in feats.items()}
+    counts.update(classes=len(classnames), templates=len(get_templates(cfg.templates)),
+                  captions=len(r.captions), image_size=size)
+    return metrics, counts
+
+
+def run(cfg: Config) -> Path:
+    """Evaluate `cfg.checkpoint` on `cfg.data` into `cfg.out`; returns that path."""
+    cfg.validate()
+    import torch
+
+    from peflow.data.formats import label_names
+    from peflow.evaluate.report import plot_metrics
+    from peflow.io import METRICS, atomic_output_dir, dataset_digest, write_json_atomic, write_manifest
+    from peflow.models import get_tokenizer, load_model
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    inputs = {"data": dataset_digest(cfg.data), "checkpoint": checkpoint_digest(ckpt)}
+    try:
+        classnames = label_names(cfg.data)
+    except (FileNotFoundError, KeyError) as e:
+        raise ValueError(f"{cfg.data}: no class list (card.json with 'categories'): {e}") from None
+    model = load_model(ckpt, preset=cfg.preset).eval()
+    preset = getattr(model, "peflow_preset", cfg.preset)
+    tokenizer = get_tokenizer(preset)
+    metrics, counts = evaluate_model(model, tokenizer, cfg, classnames=classnames)
+    seconds = time.perf_counter() - t0
+
+    config = {**dataclasses.asdict(cfg), "resolved_checkpoint": str(ckpt), "resolved_preset": preset}
+    with atomic_output_dir(cfg.out) as out:
+        write_json_atomic(out / METRICS, metrics)
+        plot_metrics(metrics, out / "metrics.png", title=f"{preset} · {ckpt.name} · {Path(cfg.data).name}")
+        write_manifest(out, stage=STAGE, config=config, inputs=inputs, counts=counts)
+        with _env("MLFLOW_TRACKING_URI", cfg.tracking_uri):
+            _log_mlflow(cfg, config, inputs, metrics, out, seconds)
+    print(f"peflow evaluate: {len(metrics)} metrics in {seconds:.1f}s -> {cfg.out}")
+    for k in ("zeroshot/test/top1", "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval/t2i/R1"):
+        if k in metrics:
+            print(f"  {k} = {metrics[k]:.4f}")
+    return Path(cfg.out)
+
+
+def _log_mlflow(cfg: Config, config: dict, inputs: dict, metrics: dict, out: Path, seconds: float) -> None:
+    import mlflow
+
+    from peflow.tracking import stage_run
+
+    # Tracking sits beside the final folder (not the staging one): same parent.
+    with stage_run(STAGE, out_dir=cfg.out, config=config, inputs=inputs, experiment=cfg.experiment,
+                   tags={"peflow.eval_seconds": f"{seconds:.2f}"}):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(out / "metrics.png"))
+        mlflow.log_artifact(str(out / "metrics.json"))
