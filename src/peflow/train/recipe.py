@@ -1,0 +1,169 @@
+"""The pretraining recipe (paper section 2.1): presets `vanilla` and `pe`.
+
+Every piece of the robust PE recipe is a field here, so vanilla CLIP and the
+full PE recipe are each one name away, and an ablation is one field changed:
+
+- optimizer: LAMB, betas (0.9, 0.95), weight decay 0.05 (vanilla: AdamW);
+- schedule: linear warm-up, then cosine to zero;
+- progressive resolution: a list of (resolution, fraction of steps);
+- augmentation: RandomResizedCrop(scale (0.08, 1), ratio (0.75, 1.33),
+  bilinear), ColorJitter(brightness 0.32, saturation 0.32), horizontal flip
+  p=0.5. A flipped image's caption has "left" and "right" swapped, so that a
+  caption never contradicts its image (`hflip_caption`);
+- mask regularization: a fraction of the batch duplicated, 40% of the copy's
+  patches masked, the copy's output tokens pulled to the clean image's
+  (stop-gradient target) by 1 - cosine; the copies never enter the CLIP loss.
+
+The step budget (steps, global batch, lr, resolutions) is set per model
+preset by `default_budget`: the CPU presets are tuned to learn within minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+#: Input normalisation of PE (mean = std = 0.5 per channel).
+PE_MEAN = (0.5, 0.5, 0.5)
+PE_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """One pretraining recipe: optimisation, resolution, augmentation, mask regularization."""
+
+    name: str = "pe"
+    optimizer: str = "lamb"  #: lamb | adamw
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    lr: float = 2e-3
+    warmup_fraction: float = 0.05  #: warm-up steps as a fraction of the run, when not set explicitly
+    max_logit_scale: float = 100.0
+    progressive_resolution: bool = True
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.33)
+    brightness: float = 0.32
+    saturation: float = 0.32
+    hflip: float = 0.5
+    mask_reg_fraction: float = 1 / 16  #: share of each batch duplicated and masked (0 = off)
+    mask_reg_min: int = 2  #: at least this many copies per micro-batch when on (tiny CPU batches)
+    mask_ratio: float = 0.4
+    #: not published; at weight 1 tiny CPU runs collapsed (constant tokens satisfy the cosine target), 0.1 did not
+    mask_reg_weight: float = 0.1
+
+    def validate(self) -> None:
+        if self.optimizer not in ("lamb", "adamw"):
+            raise ValueError(f"optimizer must be lamb or adamw, got {self.optimizer!r}")
+        if not 0.0 <= self.mask_reg_fraction < 1.0:
+            raise ValueError(f"mask_reg_fraction must be in [0, 1), got {self.mask_reg_fraction}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def pe() -> Recipe:
+    """The full robust PE-core recipe (paper Tab. 18)."""
+    return Recipe()
+
+
+def vanilla() -> Recipe:
+    """The paper's baseline: AdamW, one resolution, no augmentation, no mask regularization."""
+    return dataclasses.replace(pe(), name="vanilla", optimizer="adamw", betas=(0.9, 0.98), weight_decay=0.1,
+                               lr=5e-4, progressive_resolution=False, augment=False, mask_reg_fraction=0.0)
+
+
+RECIPES = {"pe": pe, "vanilla": vanilla}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    """How long and how wide a run is, per model preset."""
+
+    steps: int
+    global_batch: int
+    resolutions: str  #: progressive resolution, "res:fraction,..."; the last is the final resolution
+    lr_scale: float = 1.0  #: multiplies the recipe's lr (small batches want a different lr)
+
+
+_BUDGETS: dict[str, Budget] = {
+    # Tuned on 2 CPU cores: 2 processes, about 5 minutes on the nano corpus.
+    "nano": Budget(steps=600, global_batch=128, resolutions="32:0.6,48:0.25,64:0.15", lr_scale=2.0),
+    "micro": Budget(steps=300, global_batch=64, resolutions="32:0.5,64:0.5", lr_scale=1.0),
+    "small-cpu": Budget(steps=2000, global_batch=256, resolutions="64:0.4,96:0.35,128:0.25"),
+    # Paper: 443K steps at batch 131,072; B 112-160-224, L 98-154-224-336 (ablation 10/8/4/2 parts).
+    "pe-core-t16": Budget(steps=443_000, global_batch=131_072, resolutions="224:0.42,288:0.33,384:0.25"),
+    "pe-core-s16": Budget(steps=443_000, global_batch=131_072, resolutions="224:0.42,288:0.33,384:0.25"),
+    "pe-core-b16": Budget(steps=443_000, global_batch=131_072, resolutions="112:0.42,160:0.33,224:0.25"),
+    "pe-core-l14": Budget(steps=443_000, global_batch=131_072, resolutions="98:0.42,154:0.33,224:0.17,336:0.08"),
+    "pe-core-g14": Budget(steps=656_000, global_batch=131_072,
+                          resolutions="98:0.42,154:0.25,224:0.17,336:0.08,448:0.08"),
+}
+for _alias, _name in {"T": "pe-core-t16", "S": "pe-core-s16", "B": "pe-core-b16", "L": "pe-core-l14",
+                      "G": "pe-core-g14"}.items():
+    _BUDGETS[_alias] = _BUDGETS[_name]
+
+
+def default_budget(model_preset: str) -> Budget:
+    if model_preset not in _BUDGETS:
+        raise ValueError(f"no training budget for model preset {model_preset!r}; known: {sorted(_BUDGETS)}")
+    return _BUDGETS[model_preset]
+
+
+def parse_resolutions(spec: str) -> list[tuple[int, float]]:
+    """"32:0.4,48:0.35,64:0.25" -> [(32, 0.4), (48, 0.35), (64, 0.25)]; fractions normalised to sum 1."""
+    out: list[tuple[int, float]] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        try:
+            res, _, frac = part.partition(":")
+            out.append((int(res), float(frac) if frac else 1.0))
+        except ValueError:
+            raise ValueError(f"bad resolution entry {part!r} in {spec!r}; expected RES:FRACTION") from None
+    if not out or any(r <= 0 or f <= 0 for r, f in out):
+        raise ValueError(f"resolutions {spec!r}: need at least one RES:FRACTION with positive values")
+    total = sum(f for _, f in out)
+    return [(r, f / total) for r, f in out]
+
+
+def resolution_schedule(spec: list[tuple[int, float]], steps: int) -> list[tuple[int, int]]:
+    """(first step, resolution) per stage; stages cover [0, steps) in order."""
+    starts, acc = [], 0.0
+    for res, frac in spec:
+        starts.append((round(acc * steps), res))
+        acc += frac
+    return starts
+
+
+def resolution_at(schedule: list[tuple[int, int]], step: int) -> int:
+    res = schedule[0][1]
+    for start, r in schedule:
+        if step >= start:
+            res = r
+    return res
+
+
+_LR_WORDS = re.compile(r"\b(left|right)\b", flags=re.IGNORECASE)
+
+
+def hflip_caption(caption: str) -> str:
+    """The caption of a horizontally flipped image: "left" and "right" swapped (case kept).
+
+    Spatial words are the only ones a mirror makes false in the built-in
+    corpus; swapping keeps every caption true instead of dropping the flip
+    for such captions (which would bias flips to captions without positions).
+    """
+
+    def swap(m: re.Match[str]) -> str:
+        w = m.group(0)
+        new = "right" if w.lower() == "left" else "left"
+        return new.capitalize() if w[0].isupper() else new
+
+    return _LR_WORDS.sub(swap, caption)

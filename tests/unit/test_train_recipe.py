@@ -1,0 +1,67 @@
+"""Recipe presets, progressive resolution, optimizer groups, LR schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peflow.train import optim, recipe
+
+
+def test_presets_differ_only_in_the_recipe_switches() -> None:
+    pe, van = recipe.get_recipe("pe"), recipe.get_recipe("vanilla")
+    assert (pe.optimizer, pe.betas, pe.weight_decay, pe.max_logit_scale) == ("lamb", (0.9, 0.95), 0.05, 100.0)
+    assert (pe.crop_scale, pe.crop_ratio, pe.brightness, pe.saturation, pe.hflip) == (
+        (0.08, 1.0), (0.75, 1.33), 0.32, 0.32, 0.5)
+    assert pe.mask_reg_fraction == pytest.approx(1 / 16) and pe.mask_ratio == 0.4
+    assert van.optimizer == "adamw" and not van.augment and not van.progressive_resolution
+    assert van.mask_reg_fraction == 0
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe.get_recipe("fancy")
+
+
+def test_hflip_swaps_left_and_right() -> None:
+    assert recipe.hflip_caption("a star on the left, to the right of a Left ring") == \
+        "a star on the right, to the left of a Right ring"
+    assert recipe.hflip_caption("bright lefty") == "bright lefty"
+
+
+def test_progressive_resolution_schedule() -> None:
+    spec = recipe.parse_resolutions("32:0.4,48:0.35,64:0.25")
+    sched = recipe.resolution_schedule(spec, 100)
+    assert sched == [(0, 32), (40, 48), (75, 64)]
+    assert [recipe.resolution_at(sched, s) for s in (0, 39, 40, 74, 75, 99)] == [32, 32, 48, 48, 64, 64]
+    assert recipe.parse_resolutions("64") == [(64, 1.0)]
+    with pytest.raises(ValueError, match="RES:FRACTION"):
+        recipe.parse_resolutions("a:b")
+
+
+def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale() -> None:
+    from peflow.models.pe import build_model
+
+    model = build_model("micro")
+    decay, no_decay = optim.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "visual.trunk.cls_token", "visual.trunk.pos_embed", "text.token_embedding.weight",
+            "text.positional_embedding", "visual.trunk.norm.weight", "visual.trunk.blocks.0.attn.qkv.bias"} <= nd
+    d = {names[id(p)] for p in decay["params"]}
+    assert "visual.trunk.blocks.0.attn.qkv.weight" in d and "visual.trunk.patch_embed.proj.weight" in d
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    opt = optim.build_optimizer(model, recipe.pe(), 1e-3)
+    assert type(opt).__name__ == "Lamb" and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_warmup_then_cosine_to_zero() -> None:
+    lr = [optim.warmup_cosine(s, warmup_steps=10, total_steps=110) for s in range(110)]
+    assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)
+    assert all(a < b for a, b in zip(lr[:10], lr[1:11]))
+    assert lr[10] == 1.0 and lr[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert optim.warmup_cosine(110, warmup_steps=10, total_steps=110) == pytest.approx(0.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = optim.build_scheduler(opt, warmup_steps=10, total_steps=110)
+    for _ in range(60):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
