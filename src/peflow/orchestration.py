@@ -9,12 +9,13 @@ options a user types; distributed stages go through their TorchX component
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,20 @@ def stage_argv(name: str, cfg: RunConfig) -> list[str]:
     return argv
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_in_process(name: str, argv: list[str]) -> None:
     """Run a stage in this process through the same CLI a user types."""
     from peflow import cli
@@ -115,14 +130,13 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
     if not ran and not (out / io.MANIFEST).is_file() and not (name == "synth" and cfg.data_source != BUILTIN):
         raise ValueError(f"stage {name} is not selected and has no output at {out} to reuse; run it first")
     if ran:
-        if parent_run_id:
-            os.environ[tracking.PARENT_ENV] = parent_run_id
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", cfg.experiment)
+        env = {"MLFLOW_EXPERIMENT_NAME": cfg.experiment, tracking.PARENT_ENV: parent_run_id or ""}
         argv = stage_argv(name, cfg)
-        if stage.distributed:
-            launch(name, argv, cfg)
-        else:
-            run_in_process(name, argv)
+        with _environ(env):  # child processes (torchrun replicas) inherit these
+            if stage.distributed:
+                launch(name, argv, cfg)
+            else:
+                run_in_process(name, argv)
     metrics = io.read_json(out / io.METRICS) if (out / io.METRICS).is_file() else {}
     return {"stage": name, "out": str(out), "ran": ran, "seconds": round(time.monotonic() - t0, 2),
             "metrics": metrics}

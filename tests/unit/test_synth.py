@@ -240,3 +240,18 @@ def test_masks_npy_is_plain_uint8(tiny_corpus):
     entries = _entries(tiny_corpus / "video" / "val" / "shard-000000.tar")
     arr = np.load(io.BytesIO(entries["val-0000000.masks.npy"]), allow_pickle=False)
     assert arr.dtype == np.uint8 and arr.ndim == 3
+
+
+def test_categories_have_typical_colours_that_shifts_take_away(tiny_corpus):
+    """Ordinary images use the category's typical colour often (a real but unreliable
+    cue); sketches have no colour and renditions use another palette."""
+    typical = hits = 0
+    for s in formats.iter_image_text(formats.shard_paths(tiny_corpus, "train")):
+        primary = s["meta"]["objects"][0]
+        typical += 1
+        hits += primary["colour"] == vocab.TYPICAL_COLOUR[primary["category"]]
+    assert 0.4 < hits / typical < 0.8
+    for s in formats.iter_image_text(formats.shard_paths(tiny_corpus, "shift_sketch")):
+        assert s["meta"]["objects"][0]["colour"] == "black"
+    for s in formats.iter_image_text(formats.shard_paths(tiny_corpus, "shift_rendition")):
+        assert s["meta"]["objects"][0]["colour"] not in vocab.COLOURS

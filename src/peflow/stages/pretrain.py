@@ -72,6 +72,8 @@ def plan_from_config(cfg: Config) -> Any:
     recipe = dataclasses.replace(recipe, **changes)
     recipe.validate()
     budget = default_budget(cfg.preset)
+    if budget.crop_scale is not None:
+        recipe = dataclasses.replace(recipe, crop_scale=budget.crop_scale)
     steps = cfg.steps if cfg.steps is not None else budget.steps
     batch = cfg.global_batch if cfg.global_batch is not None else budget.global_batch
     res_spec = cfg.resolutions if cfg.resolutions is not None else budget.resolutions

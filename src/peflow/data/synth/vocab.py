@@ -32,6 +32,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 
+#: Like real objects (bananas are yellow), categories have a typical colour in
+#: the ordinary palette, used with probability TYPICAL_COLOUR_P. Colour is then
+#: a useful but unreliable cue, as in natural images: `shift_sketch` (no
+#: colour) and `shift_rendition` (unusual palette) take it away, which is what
+#: their robustness numbers measure.
+TYPICAL_COLOUR: dict[str, str] = {
+    "circle": "orange", "square": "blue", "triangle": "green", "star": "yellow", "hexagon": "purple",
+    "pentagon": "brown", "cross": "black", "heart": "red", "diamond": "pink", "ring": "white",
+    "crescent": "yellow", "arrow": "red",
+}
+TYPICAL_COLOUR_P = 0.6
+
 #: Unusual palette used only by `shift_rendition` (same label space).
 RENDITION_COLOURS: dict[str, tuple[int, int, int]] = {
     "gold": (212, 175, 55),

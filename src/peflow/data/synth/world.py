@@ -105,15 +105,18 @@ def sample_background(rng: np.random.Generator, kind: str) -> list[tuple[int, in
     return out
 
 
+def _contrasts(rgb: tuple[int, int, int], bg: list[tuple[int, int, int]]) -> bool:
+    bg_rgb = np.mean(np.array(bg, dtype=float), axis=0)
+    return bool(np.abs(np.array(rgb, dtype=float) - bg_rgb).max() > 70 and abs(_luma(rgb) - _luma(tuple(bg_rgb))) > 25)
+
+
 def sample_colour(rng: np.random.Generator, palette: dict[str, tuple[int, int, int]],
                   bg: list[tuple[int, int, int]], avoid: set[str] = frozenset()) -> str:
     """A colour name that stands out from the background (luma or hue contrast)."""
     names = [n for n in palette if n not in avoid] or list(palette)
-    bg_rgb = np.mean(np.array(bg, dtype=float), axis=0)
     for _ in range(20):
         name = pick(rng, names)
-        rgb = np.array(palette[name], dtype=float)
-        if np.abs(rgb - bg_rgb).max() > 70 and abs(_luma(palette[name]) - _luma(tuple(bg_rgb))) > 25:
+        if _contrasts(palette[name], bg):
             return name
     return name
 
@@ -124,6 +127,10 @@ def sample_object(rng: np.random.Generator, *, image_size: int, size: str, categ
                   position: str | None = None, angle_range: float = 15.0, depth: float = 0.5) -> SceneObject:
     """One object with random attributes (any attribute can be fixed)."""
     category = category or pick(rng, vocab.CATEGORIES)
+    if colour is None and palette is vocab.COLOURS and rng.random() < vocab.TYPICAL_COLOUR_P:
+        typical = vocab.TYPICAL_COLOUR.get(category)
+        if typical and _contrasts(palette[typical], list(bg)):
+            colour = typical
     colour = colour or sample_colour(rng, palette, list(bg))
     lo, hi = vocab.SIZES[size]
     radius = float(rng.uniform(lo, hi)) * image_size
