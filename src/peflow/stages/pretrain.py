@@ -81,7 +81,7 @@ def plan_from_config(cfg: Config) -> Any:
     for r, _ in resolutions:
         if r % p.patch_size:
             raise ValueError(f"resolution {r} is not a multiple of preset {p.name}'s patch size {p.patch_size}")
-    lr = cfg.lr if cfg.lr is not None else recipe.lr * budget.lr_scale
+    lr = cfg.lr if cfg.lr is not None else dict(budget.lr_by_recipe).get(recipe.name, recipe.lr * budget.lr_scale)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(recipe.warmup_fraction * steps)
     for name, v, lo in (("steps", steps, 1), ("global_batch", batch, 1), ("micro_batch", cfg.micro_batch, 0),
                         ("warmup_steps", warmup, 0), ("checkpoint_every", cfg.checkpoint_every, 1)):
