@@ -75,7 +75,7 @@ def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
     for name in ("validate", "pretrain", "evaluate"):
         tags = by_stage[name].data.tags
         assert any(k.startswith("dvc.") and k.endswith(".md5") for k in tags), (name, tags)
-    assert any(k.startswith("zeroshot/") for k in parent.data.metrics), parent.data.metrics
+    assert any(k.startswith("evaluate/zeroshot/") for k in parent.data.metrics), parent.data.metrics
 
 
 def _browser(p):

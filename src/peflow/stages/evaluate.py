@@ -188,6 +188,7 @@ def _log_mlflow(cfg: Config, config: dict, inputs: dict, metrics: dict, out: Pat
 
     # Tracking sits beside the final folder (not the staging one): same parent.
     with stage_run(STAGE, out_dir=cfg.out, config=config, inputs=inputs, experiment=cfg.experiment,
+                   datasets={"data": cfg.data, "checkpoint": cfg.checkpoint},
                    tags={"peflow.eval_seconds": f"{seconds:.2f}"}):
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(out / "metrics.png"))

@@ -133,7 +133,7 @@ def run(cfg: Config) -> Path:
     digest = dataset_digest(data)
     config = dataclasses.asdict(cfg)
     with tracking.stage_run("validate", out_dir=out, config=config, inputs={"data": digest},
-                            experiment=cfg.experiment):
+                            datasets={"data": cfg.data}, experiment=cfg.experiment):
         t0 = time.perf_counter()
         kinds = sorted({SUITE_KIND[s] for s in names})
         df = features.extract(data, label_sets, kinds=kinds, workers=cfg.workers)
