@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torchx.specs as specs
+from torchx.components.dist import parse_nnodes
 from torchx.runner import get_runner
 
 SCHEDULERS = ("local_cwd", "kubernetes")
@@ -77,6 +78,9 @@ def run(
         bindir = str(Path(sys.executable).parent)
         for role in app.roles:
             role.env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+            # every "node" shares this host's cores: one thread per core, no oversubscription
+            _, nnodes, nproc, _ = parse_nnodes(component_args.get("j", "1x1"))
+            role.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (nnodes * nproc)))
     cfg = scheduler_cfg(scheduler, queue=queue, namespace=namespace, log_dir=log_dir)
     with get_runner() as runner:
         handle = runner.run(app, scheduler, cfg=cfg, workspace=None)

@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on the built-in corpus, through Airflow.
 
-1. `dvc repro synth` + `dvc push`: the nano corpus, versioned by DVC (data/synth).
-2. `make up`: a local `mlflow server` and `airflow standalone` on 127.0.0.1.
+1. `make up`: a local `mlflow server` and `airflow standalone` on 127.0.0.1.
+2. `dvc repro synth` + `dvc push`: the nano corpus, versioned by DVC (data/synth).
 3. Trigger `pe_pipeline` over Airflow's REST API with that corpus as data
    source, follow it live until it ends.
 4. Print the Airflow and MLflow URLs, the login, time per stage, and the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,9 @@ STYLE = {"success": "green", "failed": "red", "running": "yellow", "up_for_retry
 def _dvc(root: Path, *args: str) -> None:
     exe = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     console.print(f"[bold]$ dvc {' '.join(args)}[/]")
-    subprocess.run([exe, *args], cwd=root, check=True)
+    # the synth stage logs its run to the local MLflow server too
+    env = {**os.environ, "MLFLOW_TRACKING_URI": services.mlflow_uri()}
+    subprocess.run([exe, *args], cwd=root, check=True, env=env)
 
 
 def _seconds(ti: dict[str, Any]) -> float | None:
@@ -100,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     root = services.REPO
     t0 = time.monotonic()
     try:
-        _dvc(root, "repro", "synth")
-        _dvc(root, "push")
         for s in services.services():
             s.start(timeout=300)
+        _dvc(root, "repro", "synth")
+        _dvc(root, "push")
         api = AirflowAPI(services.airflow_url(), "admin", services.airflow_password())
         api.wait_for_dag(DAG_ID)
         conf = {"preset": a.preset, "recipe": a.recipe, "data_source": str(root / "data" / "synth")}

@@ -1,0 +1,42 @@
+"""`dag.test()` of the whole pe_pipeline with the tiny `test` preset: the real
+DAG, real TorchX local launches, a temporary MLflow store; asserts success,
+the MLflow run tree and the recorded DVC hashes."""
+
+import json
+
+import pytest
+
+from tests.dags.conftest import run_py
+
+pytestmark = pytest.mark.slow
+
+CODE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+dag = DagBag().get_dag("pe_pipeline")
+run = dag.test(run_conf={"preset": "test", "data_source": sys.argv[1], "nodes": "2x1"})
+print("RESULT" + json.dumps({"state": str(run.state),
+      "tis": {ti.task_id: str(ti.state) for ti in run.get_task_instances()}, "run_id": run.run_id}))
+"""
+
+
+def test_dag_test_runs_the_whole_pipeline(airflow_env, tiny_corpus, tmp_path):
+    env = {**airflow_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    r = run_py(CODE.replace("sys.argv[1]", repr(str(tiny_corpus))), env, timeout=1200)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
+    assert lines, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT"):])
+    assert result["state"].endswith("success"), result
+    assert all(s.endswith("success") for s in result["tis"].values()), result
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("peflow").experiment_id])
+    (parent,) = [x for x in runs if x.data.tags.get("airflow.run_id") == result["run_id"]]
+    children = {x.data.tags["peflow.stage"]: x for x in runs
+                if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"validate", "pretrain", "evaluate"}
+    assert children["validate"].data.tags["dvc.data.md5"].endswith(".dir")
+    assert children["pretrain"].data.tags["dvc.data.md5"] == children["evaluate"].data.tags["dvc.data.md5"]
+    assert children["evaluate"].data.tags["dvc.checkpoint.md5"].endswith(".dir")
