@@ -32,8 +32,10 @@ def dvc_stage(stage: stages.Stage, params: dict[str, Any]) -> dict[str, Any]:
     """One `dvc.yaml` stage: the same `peflow <stage>` command a user types."""
     out = f"{DATA_ROOT}/{stage.name}"
     # Distributed stages run through their TorchX component, as in the DAG.
-    launcher = ["peflow", "launch", stage.name, "-j", "${launch.j}", "--"] if stage.distributed else ["peflow", stage.name]
-    cmd = [*launcher, "--out", out]
+    if stage.distributed:
+        cmd = ["peflow", "launch", stage.name, "-j", "${launch.j}", "--", "--out", out]
+    else:
+        cmd = ["peflow", stage.name, "--out", out]
     deps = [f"src/peflow/stages/{stage.name}.py", *stage.code]
     for option, upstream in stage.inputs:
         cmd += [f"--{option.replace('_', '-')}", f"{DATA_ROOT}/{upstream}"]
