@@ -27,7 +27,9 @@ def test_repro_push_pull_from_a_clean_clone(tmp_path):
     sh("git", "init", "-q", cwd=repo, env=env)
     sh(BIN / "dvc", "init", "-q", cwd=repo, env=env)
     sh(BIN / "dvc", "remote", "add", "-d", "local", remote, cwd=repo, env=env)
-    (repo / "params.yaml").write_text(yaml.safe_dump({"synth": {"preset": "test", "seed": 3}}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["synth"] = {"preset": "test", "seed": 3}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / "dvc.yaml").write_text(pipeline.render_dvc_yaml(repo / "params.yaml"))
     shutil.copytree(ROOT / "src", repo / "src")  # the stage's code deps
 
@@ -41,10 +43,10 @@ def test_repro_push_pull_from_a_clean_clone(tmp_path):
 
     sh("git", "add", "-A", cwd=repo, env=env)
     sh("git", "commit", "-qm", "corpus", cwd=repo, env=env)
-    sh(BIN / "dvc", "push", cwd=repo, env=env)
+    sh(BIN / "dvc", "push", "synth", cwd=repo, env=env)
 
     sh("git", "clone", "-q", repo, clone, cwd=tmp_path, env=env)
     assert not (clone / "data" / "synth").exists()
-    sh(BIN / "dvc", "pull", cwd=clone, env=env)
+    sh(BIN / "dvc", "pull", "synth", cwd=clone, env=env)
     assert io.tree_hashes(clone / "data" / "synth", exclude=()) == made
-    assert "up to date" in sh(BIN / "dvc", "status", cwd=clone, env=env).lower()
+    assert "up to date" in sh(BIN / "dvc", "status", "synth", cwd=clone, env=env).lower()
