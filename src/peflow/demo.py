@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]stopped following; outputs are written atomically, nothing half-written. "
                       "The run goes on in Airflow (`make down` stops it).[/]")
         return 130
-    run_root = orchestration.runs_root() / "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    run_root = orchestration.run_dir(run_id)
     stage_secs = sum(_seconds(t) or 0 for t in tis if t["task_id"] in {s.name for s in orchestration.stages.STAGES})
     console.print(metrics_table(run_root))
     console.print(f"pipeline {state} in {wall:.0f}s wall; stage tasks {stage_secs:.0f}s; "

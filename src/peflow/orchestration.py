@@ -225,8 +225,12 @@ def runs_root() -> Path:
     return Path(os.environ.get("PEFLOW_HOME", ".run")).resolve() / "runs"
 
 
+def run_dir(run_id: str) -> Path:
+    """The folder of one DAG run under `runs_root()`, named after its (sanitised) run id."""
+    return runs_root() / "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+
+
 def dag_run_config(params: dict[str, Any], run_id: str) -> RunConfig:
-    """The run config of one DAG run: its Params, and a folder named after the run id."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    """The run config of one DAG run: its Params, and its run folder."""
     known = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(out=str(runs_root() / safe), **{k: v for k, v in params.items() if k in known})
+    return RunConfig(out=str(run_dir(run_id)), **{k: v for k, v in params.items() if k in known})

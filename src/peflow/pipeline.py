@@ -18,11 +18,6 @@ from peflow import stages
 DATA_ROOT = "data"
 
 
-def stage_dir(root: str | Path, name: str) -> Path:
-    """Where a stage's output lives under a pipeline root (DVC: `data/<stage>`)."""
-    return Path(root) / name
-
-
 def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:
     with open(path) as f:
         return yaml.safe_load(f) or {}
