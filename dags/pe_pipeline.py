@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `components`
 
@@ -24,11 +25,14 @@ DEFAULT_ARGS = {
 }
 
 
-def _torchx_launch(name: str, argv: list[str], cfg: orchestration.RunConfig) -> None:
-    from components import launch
+def _torchx_launch(log_name: str):
+    def launch_torchx(name: str, argv: list[str], cfg: orchestration.RunConfig) -> None:
+        from components import launch
 
-    launch.run(name, argv, scheduler=cfg.scheduler, j=cfg.nodes,
-               log_dir=str(Path(cfg.out) / "_torchx_logs" / name))
+        launch.run(name, argv, scheduler=cfg.scheduler, j=cfg.nodes,
+                   log_dir=str(Path(cfg.out) / "_torchx_logs" / log_name))
+
+    return launch_torchx
 
 
 def _config() -> orchestration.RunConfig:
@@ -43,11 +47,16 @@ def start_run() -> str:
     return orchestration.start_pipeline_run(_config(), tags=tags)
 
 
-def stage_task(stage: stages.Stage):
-    @task(task_id=stage.name, doc_md=stage.summary)
+def stage_task(t: orchestration.Task):
+    stage = stages.get(t.stage)
+
+    @task(task_id=t.id, doc_md=stage.summary + (" (ablation: the other recipe)" if t.variant else ""))
     def run(parent_run_id: str) -> dict:
-        launch = _torchx_launch if stage.distributed else orchestration.launch_subprocess
-        return orchestration.run_stage(stage.name, _config(), parent_run_id=parent_run_id, launch=launch)
+        cfg = _config()
+        if t.variant and not cfg.ablation:
+            raise AirflowSkipException("no ablation in this run (Param `ablation`)")
+        launch = _torchx_launch(t.id) if stage.distributed else orchestration.launch_subprocess
+        return orchestration.run_stage(t.stage, cfg, parent_run_id=parent_run_id, launch=launch, variant=t.variant)
 
     return run
 
@@ -55,12 +64,14 @@ def stage_task(stage: stages.Stage):
 @task(task_id="end_run", trigger_rule="all_done", retries=0, execution_timeout=timedelta(minutes=10))
 def end_run(parent_run_id: str, names: list[str]) -> dict:
     ctx = get_current_context()
-    summaries = [ctx["ti"].xcom_pull(task_ids=n) for n in names]
-    failed = [n for n, s in zip(names, summaries) if not s]
-    orchestration.end_pipeline_run(_config(), parent_run_id, [s for s in summaries if s], failed=bool(failed))
+    cfg = _config()
+    summaries = {n: ctx["ti"].xcom_pull(task_ids=n) for n in names}
+    wanted = [n for n in names if cfg.ablation or not n.endswith(f"_{orchestration.ABLATION}")]
+    failed = [n for n in wanted if not summaries[n]]
+    orchestration.end_pipeline_run(cfg, parent_run_id, [s for s in summaries.values() if s], failed=bool(failed))
     if failed:
         raise RuntimeError(f"stages did not finish: {failed}")
-    return {s["stage"]: s["metrics"] for s in summaries}
+    return {n: s["metrics"] for n, s in summaries.items() if s}
 
 
 @dag(
@@ -77,14 +88,19 @@ def end_run(parent_run_id: str, names: list[str]) -> dict:
 )
 def pe_pipeline():
     parent = start_run()
+    tasks = {t.id: stage_task(t)(parent) for t in orchestration.tasks()}
+    # Main stages in a chain; each ablation task after its main twin (one training at a time on a
+    # small machine) and after its own upstream variant.
     prev = parent
-    names = [s.name for s in stages.STAGES]
-    tasks = {}
     for s in stages.STAGES:
-        tasks[s.name] = stage_task(s)(parent)
         prev >> tasks[s.name]
         prev = tasks[s.name]
-    end_run(parent, names) << prev
+    for t in orchestration.tasks():
+        if t.variant:
+            tasks[t.stage] >> tasks[t.id]
+            for up in stages.get(t.stage).needs:
+                tasks.get(orchestration.Task(up, t.variant).id, tasks[up]) >> tasks[t.id]
+    end_run(parent, list(tasks)) << list(tasks.values())
 
 
 pe_pipeline()

@@ -58,7 +58,7 @@ def task_table(run_id: str, tis: list[dict[str, Any]], elapsed: float, state: st
     table = Table(title=f"{DAG_ID} {run_id}: {state} ({elapsed:.0f}s)")
     for col in ("task", "state", "try", "seconds"):
         table.add_column(col)
-    order = {t: i for i, t in enumerate(["start_run", *[s.name for s in orchestration.stages.STAGES], "end_run"])}
+    order = {t: i for i, t in enumerate(["start_run", *[t.id for t in orchestration.tasks()], "end_run"])}
     for ti in sorted(tis, key=lambda t: order.get(t["task_id"], 99)):
         st = ti.get("state") or "queued"
         sec = _seconds(ti)
@@ -86,19 +86,34 @@ def metrics_table(run_root: Path) -> Table:
     table.add_column("stage")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for s in orchestration.stages.STAGES:
-        path = run_root / s.name / io.METRICS
+    for t in orchestration.tasks():
+        path = run_root / (t.variant or "") / t.stage / io.METRICS
         if path.is_file():
             for k, v in json.loads(path.read_text()).items():
-                table.add_row(s.name, k, f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
+                table.add_row(t.id, k, f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
     return table
+
+
+def report_link(run_id: str) -> str | None:
+    """MLflow UI address of the pipeline run's report (the parent run tagged with this Airflow run)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(services.mlflow_uri())
+    runs = mlflow.search_runs(experiment_names=["peflow"], output_format="list",
+                              filter_string=f"tags.`airflow.run_id` = '{run_id}'")
+    if not runs:
+        return None
+    r = runs[0].info
+    return f"{services.mlflow_uri()}/#/experiments/{r.experiment_id}/runs/{r.run_id}/artifacts/report.html"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m peflow.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="nano")
-    p.add_argument("--recipe", default="pe", choices=["pe", "vanilla"])
+    p.add_argument("--recipe", default="pe", choices=list(orchestration.RECIPES))
+    p.add_argument("--ablation", action="store_true",
+                   help="also train and evaluate the other recipe at the same budget (about twice as long)")
     a = p.parse_args(argv)
     root = services.REPO
     t0 = time.monotonic()
@@ -109,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         _dvc(root, "push")
         api = AirflowAPI(services.airflow_url(), "admin", services.airflow_password())
         api.wait_for_dag(DAG_ID)
-        conf = {"preset": a.preset, "recipe": a.recipe, "data_source": str(root / "data" / "synth")}
+        conf = {"preset": a.preset, "recipe": a.recipe, "ablation": a.ablation,
+                "data_source": str(root / "data" / "synth")}
         run_id = api.trigger(DAG_ID, conf)
         console.print(f"triggered {DAG_ID} run {run_id} with {conf}")
         state, tis, wall = follow(api, run_id)
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                       "The run goes on in Airflow (`make down` stops it).[/]")
         return 130
     run_root = orchestration.run_dir(run_id)
-    stage_secs = sum(_seconds(t) or 0 for t in tis if t["task_id"] in {s.name for s in orchestration.stages.STAGES})
+    stage_secs = sum(_seconds(t) or 0 for t in tis if t["task_id"] in {t.id for t in orchestration.tasks()})
     console.print(metrics_table(run_root))
     console.print(f"pipeline {state} in {wall:.0f}s wall; stage tasks {stage_secs:.0f}s; "
                   f"orchestration (scheduling, start/end tasks) {wall - stage_secs:.0f}s; "
@@ -129,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"Airflow: {services.airflow_url()}/dags/{DAG_ID}  login admin / {services.airflow_password()}")
     console.print(f"MLflow:  {services.mlflow_uri()}  (experiment 'peflow')")
     console.print(f"outputs: {run_root}")
+    if (run_root / "report.html").is_file():
+        console.print(f"report:  {run_root / 'report.html'}")
+        link = report_link(run_id)
+        if link:
+            console.print(f"         {link}")
     return 0 if state == "success" else 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from peflow.config import opt, req
 # Run-config fields handed to every stage whose Config has a field of that name.
 SHARED = ("preset", "seed", "recipe", "experiment", "max_failure_rate")
 BUILTIN = "builtin"
+#: The variant of an ablation run: the other recipe at the same budget, under OUT/ablation/.
+ABLATION = "ablation"
+RECIPES = ("pe", "vanilla")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,10 +46,14 @@ class RunConfig:
     seed: int = opt(0, "seed for data generation and training")
     experiment: str = opt("peflow", "MLflow experiment name")
     max_failure_rate: float = opt(0.05, "validation fails the run above this fraction of bad samples")
+    ablation: bool = opt(False, "also train and evaluate the other recipe (vanilla <-> pe) at the same budget, "
+                                "under OUT/ablation/; the report puts the two side by side")
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("local_cwd", "kubernetes"):
             raise ValueError(f"scheduler must be local_cwd or kubernetes, got {self.scheduler!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         for name in self.selected():
             stages.get(name)
 
@@ -59,23 +67,67 @@ class RunConfig:
         return names
 
 
-def stage_dir(cfg: RunConfig, name: str) -> Path:
-    """Where a stage's output lives; with an external data source, synth's is that source."""
+def other_recipe(recipe: str) -> str:
+    """The recipe an ablation compares against: vanilla for pe, pe for vanilla."""
+    return "vanilla" if recipe == "pe" else "pe"
+
+
+def ablation_stages() -> tuple[str, ...]:
+    """Stages an ablation runs a second time: those taking a recipe, and every stage downstream of one."""
+    names: list[str] = []
+    for s in stages.STAGES:
+        takes_recipe = any(f.name == "recipe" for f in dataclasses.fields(s.config_cls))
+        if takes_recipe or any(up in names for up in s.needs):
+            names.append(s.name)
+    return tuple(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task of a pipeline run: a stage, or its ablation variant."""
+
+    stage: str
+    variant: str | None = None
+
+    @property
+    def id(self) -> str:
+        """Task id in the DAG, and the key of its metrics in the pipeline run: `pretrain`, `pretrain_ablation`."""
+        return self.stage if self.variant is None else f"{self.stage}_{self.variant}"
+
+
+def tasks() -> list[Task]:
+    """Every task a pipeline run may execute, in a valid order: the stages, then their ablation variants."""
+    return [Task(s.name) for s in stages.STAGES] + [Task(n, ABLATION) for n in ablation_stages()]
+
+
+def stage_dir(cfg: RunConfig, name: str, variant: str | None = None) -> Path:
+    """Where a stage's output lives; with an external data source, synth's is that source.
+    An ablation variant lives under OUT/ablation/."""
     if name == "synth" and cfg.data_source != BUILTIN:
         return Path(cfg.data_source)
+    if variant is not None:
+        return Path(cfg.out) / variant / name
     return Path(cfg.out) / name
 
 
-def stage_argv(name: str, cfg: RunConfig) -> list[str]:
-    """`peflow <name>` options for this run: inputs, output, shared settings."""
+def stage_argv(name: str, cfg: RunConfig, variant: str | None = None) -> list[str]:
+    """`peflow <name>` options for this run: inputs, output, shared settings.
+
+    The ablation variant trains the other recipe and reads its upstream
+    stages' ablation outputs where those exist (pretrain -> evaluate).
+    """
     stage = stages.get(name)
     fields = {f.name for f in dataclasses.fields(stage.config_cls)}
-    argv = ["--out", str(stage_dir(cfg, name))]
+    varied = ablation_stages() if variant is not None else ()
+    argv = ["--out", str(stage_dir(cfg, name, variant))]
     for option, upstream in stage.inputs:
-        argv += [f"--{option.replace('_', '-')}", str(stage_dir(cfg, upstream))]
+        argv += [f"--{option.replace('_', '-')}", str(stage_dir(cfg, upstream, variant if upstream in varied else None))]
     for key in SHARED:
         if key in fields:
-            argv += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+            value = getattr(cfg, key)
+            if key == "recipe" and variant == ABLATION:
+                value = other_recipe(value)
+            argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
 
 
@@ -117,29 +169,37 @@ Launcher = Callable[[str, list[str], RunConfig], None]
 
 
 def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
-              launch: Launcher = launch_subprocess) -> dict[str, Any]:
-    """Run one stage of a pipeline run, or reuse its output when not selected.
+              launch: Launcher = launch_subprocess, variant: str | None = None) -> dict[str, Any]:
+    """Run one stage of a pipeline run (or its ablation variant), or reuse its output when not selected.
 
-    Returns a small summary (fits in an Airflow XCom): output path, whether it
-    ran, seconds, and the stage's metrics.json.
+    Returns a small summary (fits in an Airflow XCom): task id, output path,
+    whether it ran, seconds, and the stage's metrics.json.
     """
     stage = stages.get(name)
-    out = stage_dir(cfg, name)
+    task = Task(name, variant)
+    out = stage_dir(cfg, name, variant)
     t0 = time.monotonic()
+    if variant is not None and not cfg.ablation:
+        raise ValueError(f"task {task.id}: this run has no ablation (set ablation)")
     ran = name in cfg.selected()
     if not ran and not (out / io.MANIFEST).is_file() and not (name == "synth" and cfg.data_source != BUILTIN):
-        raise ValueError(f"stage {name} is not selected and has no output at {out} to reuse; run it first")
+        raise ValueError(f"stage {task.id} is not selected and has no output at {out} to reuse; run it first")
     if ran:
         env = {"MLFLOW_EXPERIMENT_NAME": cfg.experiment, tracking.PARENT_ENV: parent_run_id or ""}
-        argv = stage_argv(name, cfg)
+        argv = stage_argv(name, cfg, variant)
         with _environ(env):  # child processes (torchrun replicas) inherit these
             if stage.distributed:
                 launch(name, argv, cfg)
             else:
                 run_in_process(name, argv)
     metrics = io.read_json(out / io.METRICS) if (out / io.METRICS).is_file() else {}
-    return {"stage": name, "out": str(out), "ran": ran, "seconds": round(time.monotonic() - t0, 2),
-            "metrics": metrics}
+    return {"stage": name, "task": task.id, "variant": variant, "recipe": task_recipe(cfg, variant), "out": str(out),
+            "ran": ran, "seconds": round(time.monotonic() - t0, 2), "metrics": metrics}
+
+
+def task_recipe(cfg: RunConfig, variant: str | None) -> str:
+    """The pretraining recipe behind a task's output: the run's, or the other one for the ablation."""
+    return other_recipe(cfg.recipe) if variant == ABLATION else cfg.recipe
 
 
 def start_pipeline_run(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> str:
@@ -165,11 +225,25 @@ def end_pipeline_run(cfg: RunConfig, run_id: str, summaries: list[dict[str, Any]
     for s in summaries:
         if not s:
             continue
-        client.log_metric(run_id, f"time/{s['stage']}_s", s["seconds"])
+        client.log_metric(run_id, f"time/{s.get('task', s['stage'])}_s", s["seconds"])
         for k, v in s.get("metrics", {}).items():
             if isinstance(v, (int, float)):
-                client.log_metric(run_id, k if k.startswith(s["stage"]) else f"{s['stage']}/{k}", float(v))
+                client.log_metric(run_id, metric_key(s, k), float(v))
+    try:
+        from peflow.run_report import log_report
+
+        log_report(cfg, run_id, summaries)
+    except Exception as e:  # noqa: BLE001  (a broken report must not hide the run's own status)
+        logging.getLogger(__name__).warning("pipeline report not written: %s: %s", type(e).__name__, e)
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def metric_key(summary: dict[str, Any], name: str) -> str:
+    """A stage metric's name in the pipeline run: `evaluate/zeroshot/test/top1`,
+    `ablation/evaluate/zeroshot/test/top1` for the ablation variant."""
+    stage = summary["stage"]
+    key = name if name.startswith(f"{stage}/") else f"{stage}/{name}"
+    return f"{summary['variant']}/{key}" if summary.get("variant") else key
 
 
 def git_commit() -> str:
@@ -187,11 +261,11 @@ def run_pipeline(cfg: RunConfig, *, launch: Launcher = launch_subprocess,
     summaries: list[dict[str, Any]] = []
     failed = True
     try:
-        for s in stages.STAGES:
-            if s.name == "synth" and cfg.data_source != BUILTIN:
+        for t in tasks():
+            if (t.stage == "synth" and cfg.data_source != BUILTIN) or (t.variant and not cfg.ablation):
                 continue
-            echo(f"== {s.name} ==")
-            summaries.append(run_stage(s.name, cfg, parent_run_id=parent, launch=launch))
+            echo(f"== {t.id} ==")
+            summaries.append(run_stage(t.stage, cfg, parent_run_id=parent, launch=launch, variant=t.variant))
         failed = False
     finally:
         end_pipeline_run(cfg, parent, summaries, failed=failed)
@@ -204,7 +278,7 @@ def params_spec() -> dict[str, dict[str, Any]]:
     The DAG wraps each entry in an Airflow `Param`; `out` is per DAG run.
     """
     kinds = {int: "integer", float: "number", str: "string", bool: "boolean"}
-    enums = {"scheduler": ["local_cwd", "kubernetes"], "recipe": ["vanilla", "pe"]}
+    enums = {"scheduler": ["local_cwd", "kubernetes"], "recipe": list(RECIPES)}
     spec: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(RunConfig):
         if f.name == "out":

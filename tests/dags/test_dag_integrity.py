@@ -50,6 +50,11 @@ def test_dags_import_cleanly_with_policy(airflow_env):
         for up in s.needs:
             # upstream stages run before (the chain is in registry order)
             assert list(dag["tasks"]).index(up) < list(dag["tasks"]).index(s.name)
+    for t in orchestration.tasks():
+        if t.variant:  # an ablation task waits for its main twin and its own upstream variant
+            ups = dag["tasks"][t.id]["upstream"]
+            assert t.stage in ups, t.id
+            assert all(orchestration.Task(u, t.variant).id in ups or u in ups for u in stages.get(t.stage).needs)
     assert set(orchestration.params_spec()) == set(dag["params"])
     for name, schema in dag["param_meta"].items():
         assert schema.get("title") and schema.get("description"), name

@@ -27,7 +27,9 @@ def test_dag_test_runs_the_whole_pipeline(airflow_env, tiny_corpus, tmp_path):
     assert lines, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT"):])
     assert result["state"].endswith("success"), result
-    assert all(s.endswith("success") for s in result["tis"].values()), result
+    ablation = {t: s for t, s in result["tis"].items() if t.endswith("_ablation")}
+    assert ablation and all(s.endswith("skipped") for s in ablation.values()), result  # Param ablation off
+    assert all(s.endswith("success") for t, s in result["tis"].items() if t not in ablation), result
 
     import mlflow
 
@@ -40,3 +42,6 @@ def test_dag_test_runs_the_whole_pipeline(airflow_env, tiny_corpus, tmp_path):
     assert children["validate"].data.tags["dvc.data.md5"].endswith(".dir")
     assert children["pretrain"].data.tags["dvc.data.md5"] == children["evaluate"].data.tags["dvc.data.md5"]
     assert children["evaluate"].data.tags["dvc.checkpoint.md5"].endswith(".dir")
+    assert parent.info.status == "FINISHED"
+    report = client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path))
+    assert "evaluate/zeroshot/test/top1" in open(report).read()

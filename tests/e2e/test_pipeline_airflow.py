@@ -1,7 +1,8 @@
 """End to end through the real stack: `airflow standalone` (API server,
 scheduler, DAG processor, triggerer) and a real `mlflow server`. Trigger
-pe_pipeline over REST with the tiny `test` preset, poll it to success, read the
-run tree back from the MLflow server, and look at it in headless Chromium."""
+pe_pipeline over REST with the tiny `test` preset and the recipe ablation on,
+poll it to success, read the run tree and the run report back from the MLflow
+server, and look at it in headless Chromium."""
 
 import os
 import subprocess
@@ -45,7 +46,8 @@ def stack(tmp_path_factory):
 def pipeline_run(stack, tiny_corpus):
     api = AirflowAPI(stack.airflow_url(), "admin", stack.airflow_password())
     api.wait_for_dag("pe_pipeline")
-    run_id = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "nodes": "2x1"})
+    run_id = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "nodes": "2x1",
+                                         "ablation": True})
     deadline = time.monotonic() + 1200
     state = "queued"
     while time.monotonic() < deadline and state not in ("success", "failed"):
@@ -72,6 +74,12 @@ def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_stage = {r.data.tags["peflow.stage"]: r for r in children}
     assert {"validate", "pretrain", "evaluate"} <= set(by_stage)
+    recipes = sorted(r.data.params["recipe"] for r in children if r.data.tags["peflow.stage"] == "pretrain")
+    assert recipes == ["pe", "vanilla"]  # the ablation trained the other recipe too
+    assert "ablation/evaluate/zeroshot/test/top1" in parent.data.metrics
+    report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.html",
+                                                      tracking_uri=stack.mlflow_uri())).read_text()
+    assert "main (pe)" in report and "ablation (vanilla)" in report and "evaluate/zeroshot/test/top1" in report
     for name in ("validate", "pretrain", "evaluate"):
         tags = by_stage[name].data.tags
         assert any(k.startswith("dvc.") and k.endswith(".md5") for k in tags), (name, tags)
@@ -111,7 +119,7 @@ def test_browser_trigger_form_and_grid(stack, pipeline_run):
         text = form.inner_text()
         page.screenshot(path=str(ARTIFACTS / "airflow-trigger-form.png"))
         for title in ("Preset", "Data source", "Scheduler", "Nodes", "Stage", "Recipe", "Seed", "Experiment",
-                      "Max failure rate"):
+                      "Max failure rate", "Ablation"):
             assert title in text, f"Params form lacks {title!r}"
         page.keyboard.press("Escape")
 
@@ -120,7 +128,7 @@ def test_browser_trigger_form_and_grid(stack, pipeline_run):
         page.get_by_text("Task Instances").first.wait_for()
         page.wait_for_timeout(1500)
         page.screenshot(path=str(ARTIFACTS / "airflow-run-grid.png"), full_page=True)
-        for task_id in ("start_run", "synth", "validate", "pretrain", "evaluate", "end_run"):
+        for task_id in ("start_run", "synth", "validate", "pretrain", "evaluate", "pretrain_ablation", "end_run"):
             row = page.locator("tr", has=page.locator(f"a[href$='/tasks/{task_id}']")).first
             assert "Success" in row.inner_text(), f"{task_id}: {row.inner_text()!r}"
         browser.close()

@@ -1,0 +1,162 @@
+"""The pipeline run report: one self-contained HTML page per pipeline run.
+
+Written by `end_pipeline_run` (so by the DAG's `end_run` task and by
+`peflow run`) to `OUT/report.html` and logged to the parent MLflow run as the
+artifact `report.html`. It holds the stage table, the key metrics (the
+ablation's other recipe in a column beside the main one), the best layer per
+probe task against the last layer, and every plot the stages wrote (loss
+curve, metric bars, layer plot), images embedded so the file travels alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPORT = "report.html"
+
+#: Rows of the key-metrics table, in order; `probe/*` rows are added from what the run measured.
+KEY_METRICS = (
+    "evaluate/zeroshot/test/top1",
+    "evaluate/zeroshot/test/top5",
+    "evaluate/zeroshot/robustness_avg",
+    "evaluate/zeroshot/chance_top1",
+    "evaluate/retrieval/i2t/R1",
+    "evaluate/retrieval/t2i/R1",
+    "evaluate/retrieval/mean_recall",
+    "pretrain/loss_final",
+    "pretrain/samples_per_s",
+)
+#: Metrics where lower is better (the rest: higher is better).
+LOWER_IS_BETTER = ("loss",)
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.best { font-weight: bold; background: #e6f4ea; }
+.plots { display: grid; grid-template-columns: repeat(var(--cols), 1fr); gap: 1em; }
+.plots figure { margin: 0; } .plots img { max-width: 100%; border: 1px solid #eee; }
+.muted { color: #777; }
+"""
+
+
+def _columns(summaries: Sequence[Mapping[str, Any]]) -> list[str | None]:
+    """Variants present, main first: [None] or [None, "ablation"]."""
+    return [None, *sorted({s["variant"] for s in summaries if s.get("variant")})]
+
+
+def _by_variant(summaries: Sequence[Mapping[str, Any]]) -> dict[str | None, dict[str, float]]:
+    """variant -> {"<stage>/<metric>": value} over that variant's tasks (main stages feed both columns:
+    an ablation reuses the main run's corpus and validation)."""
+    out: dict[str | None, dict[str, float]] = {v: {} for v in _columns(summaries)}
+    for s in summaries:
+        for k, v in s.get("metrics", {}).items():
+            if isinstance(v, (int, float)):
+                key = k if k.startswith(f"{s['stage']}/") else f"{s['stage']}/{k}"
+                targets = [s.get("variant")] if s.get("variant") else list(out)
+                for t in targets:
+                    if s.get("variant") or key not in out[t]:
+                        out[t][key] = float(v)
+    return out
+
+
+def _recipe(summaries: Sequence[Mapping[str, Any]], variant: str | None) -> str:
+    for s in summaries:
+        if s.get("variant") == variant and s.get("recipe"):
+            return str(s["recipe"])
+    return "?"
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.0f}" if float(v).is_integer() and abs(v) >= 1 else f"{v:.4g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, raw: bool = False) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(c if raw else f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def metric_rows(values: Mapping[str | None, Mapping[str, float]]) -> list[str]:
+    """The metric names the key table shows: KEY_METRICS, then each probe task's best layer, best and last."""
+    present = set().union(*(v.keys() for v in values.values()))
+    probes = sorted({k for k in present if k.startswith("evaluate/probe/")
+                     and k.rsplit("/", 1)[-1] in ("best_layer", "best", "last")})
+    return [k for k in KEY_METRICS if k in present] + probes
+
+
+def _metrics_html(values: Mapping[str | None, Mapping[str, float]], labels: Sequence[str]) -> str:
+    rows = []
+    for name in metric_rows(values):
+        vals = [values[v].get(name) for v in values]
+        have = [x for x in vals if x is not None]
+        best = None
+        if len(have) > 1 and not name.endswith(("best_layer", "chance_top1")):
+            best = min(have) if any(w in name for w in LOWER_IS_BETTER) else max(have)
+        cells = [f"<td>{html.escape(name)}</td>"]
+        for x in vals:
+            cls = "num best" if best is not None and x == best else "num"
+            cells.append(f'<td class="{cls}">{_fmt(x)}</td>')
+        rows.append(cells)
+    return _table(["metric", *labels], rows, raw=True)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption class=muted>{html.escape(str(path))}</figcaption></figure>")
+
+
+def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) -> str:
+    """The report of one pipeline run as an HTML string."""
+    variants = _columns(summaries)
+    labels = [f"{'main' if v is None else v} ({_recipe(summaries, v)})" for v in variants]
+    values = _by_variant(summaries)
+    info = [["run", str(Path(cfg.out).name)], ["MLflow run", run_id], ["preset", cfg.preset],
+            ["recipe", cfg.recipe], ["ablation", str(getattr(cfg, "ablation", False))],
+            ["data source", cfg.data_source], ["written", time.strftime("%Y-%m-%d %H:%M:%S %Z")]]
+    stage_rows = [[s.get("task", s["stage"]), s.get("recipe") or "", "ran" if s["ran"] else "reused",
+                   f"{s['seconds']:.1f}", s["out"]] for s in summaries]
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>peflow run {html.escape(run_id)}</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>peflow pipeline run <code>{html.escape(Path(cfg.out).name)}</code></h1>",
+             _table(["", ""], info), "<h2>Stages</h2>",
+             _table(["task", "recipe", "status", "seconds", "output"], stage_rows),
+             "<h2>Key metrics</h2>",
+             "<p class=muted>Fractions in [0, 1]; probe rows: the best layer per task (1 = first block), "
+             "its score, and the last layer's score (docs/metrics.md).</p>",
+             _metrics_html(values, labels), "<h2>Plots</h2>"]
+    for stage in dict.fromkeys(s["stage"] for s in summaries):
+        figs = []
+        for v in variants:
+            s = next((x for x in summaries if x["stage"] == stage and x.get("variant") == v), None)
+            pngs = sorted(Path(s["out"]).glob("*.png")) if s and Path(s["out"]).is_dir() else []
+            figs.append("".join(_img(p) for p in pngs) or "<p class=muted>no plots</p>")
+        if any("<img" in f for f in figs):
+            cols = len(figs)
+            parts.append(f"<h3>{html.escape(stage)}</h3><div class=plots style='--cols:{cols}'>")
+            parts += [f"<div><h4>{html.escape(lab)}</h4>{f}</div>" for lab, f in zip(labels, figs)]
+            parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def log_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) -> Path:
+    """Write OUT/report.html (atomically) and log it to the pipeline's MLflow run; returns its path."""
+    import mlflow
+
+    from peflow.io import write_text_atomic
+
+    path = Path(cfg.out) / REPORT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, build_report(cfg, run_id, [s for s in summaries if s]))
+    mlflow.MlflowClient().log_artifact(run_id, str(path))
+    return path
