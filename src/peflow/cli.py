@@ -133,6 +133,36 @@ def launch(
     raise typer.Exit(rc)
 
 
+@app.command(
+    name="compare",
+    help="Compare pipeline runs from MLflow: key metrics as a table (best marked) and a bar plot: "
+    "`peflow compare --last 5`, `peflow compare --runs ID --runs ID --metrics 'evaluate/probe/*/best'`.",
+)
+def compare_runs(
+    experiment: str = typer.Option("peflow", help="MLflow experiment whose newest pipeline runs are compared"),
+    runs: Optional[list[str]] = typer.Option(None, "--runs", help="run ids instead (pipeline or stage runs; "
+                                             "unique prefixes work); repeat the option or separate by commas"),
+    metrics: Optional[str] = typer.Option(None, help="comma-separated metric names or globs, with or without the "
+                                          "stage prefix (default: the key metrics every run may have)"),
+    last: int = typer.Option(10, help="how many of the newest pipeline runs to compare (without --runs)"),
+    plot: Optional[str] = typer.Option(None, help="bar plot file (default: compare.png; with --json: none unless "
+                                       "given; '' for none)"),
+    as_json: bool = typer.Option(False, "--json", help="print the table as JSON instead"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"),
+) -> None:
+    from peflow import compare
+
+    ids = [i.strip() for r in runs or [] for i in r.split(",") if i.strip()]
+    names = [m.strip() for m in (metrics or "").split(",") if m.strip()]
+    try:
+        cmp = compare.compare(tracking_uri=tracking_uri, experiment=experiment, run_ids=ids, metrics=names,
+                              last=last)
+    except ValueError as e:
+        typer.secho(f"peflow compare: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    compare.report(cmp, plot_path=plot if plot is not None or as_json else "compare.png", as_json=as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `argv` lets tests and launchers call it in-process."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="peflow")

@@ -28,11 +28,11 @@ KEY_METRICS = (
     "evaluate/retrieval/i2t/R1",
     "evaluate/retrieval/t2i/R1",
     "evaluate/retrieval/mean_recall",
-    "pretrain/loss_final",
-    "pretrain/samples_per_s",
+    "pretrain/train/final_loss",
+    "pretrain/train/samples_per_s",
 )
 #: Metrics where lower is better (the rest: higher is better).
-LOWER_IS_BETTER = ("loss",)
+LOWER_IS_BETTER = ("loss", "seconds")
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

@@ -83,5 +83,5 @@ def test_report_puts_recipes_side_by_side(tmp_path):
     assert "best" not in layer  # a layer index is not a score
     assert page.count("data:image/png;base64,") == 2
     assert html.escape(str(outs["ablation/evaluate"] / "layers.png")) in page
-    values = {None: {"evaluate/probe/seg/best": 1.0, "pretrain/loss_final": 2.0, "other/x": 1.0}}
-    assert metric_rows(values) == ["pretrain/loss_final", "evaluate/probe/seg/best"]
+    values = {None: {"evaluate/probe/seg/best": 1.0, "pretrain/train/final_loss": 2.0, "other/x": 1.0}}
+    assert metric_rows(values) == ["pretrain/train/final_loss", "evaluate/probe/seg/best"]

@@ -142,10 +142,27 @@ def finish(cfg: Any, plan: Any, model: torch.nn.Module, history: list[dict[str, 
 
 def _log_model(model: torch.nn.Module, out: Path) -> None:
     """The model as an MLflow pytorch model: pickled (pt2 export would trace the model), requirements
-    pinned (no environment inference, offline)."""
+    pinned (no environment inference, offline). Registered as a new version of `peflow-core` (alias
+    `candidate`) tagged with the digest of `out`, the checkpoint digest `peflow evaluate` computes;
+    without a model registry it warns and goes on."""
     import mlflow
 
+    from peflow import registry
+    from peflow.io import dataset_digest
+
     card = json.loads((out / "model.json").read_text())
-    mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                             pip_requirements=["torch", "open_clip_torch", "timm"],
-                             metadata={"peflow_preset": str(card.get("preset"))})
+    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                    pip_requirements=["torch", "open_clip_torch", "timm"],
+                                    metadata={"peflow_preset": str(card.get("preset"))})
+    run = mlflow.active_run()
+    tags = {registry.DIGEST_TAG: dataset_digest(out), "peflow.preset": str(card.get("preset")),
+            "peflow.recipe": str(card.get("recipe")), "peflow.run_id": run.info.run_id if run else ""}
+    try:
+        version = registry.register(info.model_uri, registry.MODEL_NAMES["pretrain"], tags=tags)
+        registry.set_candidate(version.name, version.version)
+    except Exception as e:  # noqa: BLE001 -- the model is trained and saved: never fail the stage here
+        import warnings
+
+        # A warning, not logging: importing mlflow.pytorch calls logging.basicConfig(level=ERROR).
+        warnings.warn(f"model not registered ({type(e).__name__}: {e}); the training output is complete",
+                      stacklevel=2)
