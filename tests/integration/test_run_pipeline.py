@@ -42,3 +42,13 @@ def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
     pre = next(r for r in runs if r.data.tags.get("peflow.stage") == "pretrain")
     assert pre.data.tags["dvc.data.md5"].endswith(".dir")
     assert json.loads((tmp_path / "run" / "evaluate" / io.METRICS).read_text()) == metrics
+
+    # The registry: the trained model is a peflow-core version, candidate and (first evaluation) champion.
+    aliases = client.get_registered_model("peflow-core").aliases
+    assert aliases["candidate"] == aliases["champion"], aliases
+    champion = client.get_model_version("peflow-core", str(aliases["champion"]))
+    assert champion.tags["peflow.checkpoint_digest"] == io.dataset_digest(tmp_path / "run" / "pretrain")
+    assert float(champion.tags["metric.zeroshot/test/top1"]) == pytest.approx(metrics["zeroshot/test/top1"])
+    # The run report, written and logged to each pipeline run.
+    assert "evaluate/zeroshot/test/top1" in (tmp_path / "run" / "report.html").read_text()
+    assert "report.html" in {a.path for a in client.list_artifacts(first.info.run_id)}

@@ -1,10 +1,13 @@
 """Evaluate a PE-core CLIP model: zero-shot classification on the clean
 held-out split and each distribution-shift split, and image-text retrieval
-(paper App. B.1.2 protocols; metric names in docs/metrics.md).
+(paper App. B.1.2 protocols), and layer-by-layer frozen probes (classification,
+segmentation, depth, language at every block; metric names in docs/metrics.md).
 
 Outputs:
   OUT/metrics.json   flat name -> number, the same numbers logged to MLflow
   OUT/metrics.png    bar plot of the metrics
+  OUT/layers.png     probe score against layer, one panel per probe task (with probes on)
+  OUT/layers.json    the per-layer probe table (with probes on)
   OUT/manifest.json  config, input hashes (corpus digest, checkpoint hash), counts
 
 The checkpoint is a peflow checkpoint folder (`model.safetensors` +
@@ -21,9 +24,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peflow.config import opt, req
+
+if TYPE_CHECKING:
+    from peflow.evaluate.probes import ProbeResult
 
 STAGE = "evaluate"
 
@@ -46,9 +52,24 @@ class Config:
     max_samples: int | None = opt(None, "Use at most this many samples per split (default: all).")
     image_size: int | None = opt(None, "Input resolution (default: the model's native size).")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice).")
+    probes: bool = opt(True, "Also fit layer-by-layer frozen probes on every block (layers.png, probe/* metrics).")
+    probe_train: int = opt(2000, "Images that train the probes: the first N of the train split.")
+    probe_test: int = opt(500, "Images that score the probes: the first N of the test split.")
+    probe_tasks: str = opt("cls,seg,depth,lang", "Comma-separated probe tasks: cls (label), seg (patch class), "
+                                                 "depth (patch depth), lang (caption retrieval).")
     experiment: str = opt("peflow", "MLflow experiment name.")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a local "
                                          "SQLite store beside OUT).")
+
+    def probe_task_list(self) -> list[str]:
+        """`probe_tasks` as a list; unknown names raise ValueError."""
+        from peflow.evaluate.probes import TASKS
+
+        tasks = [t.strip() for t in self.probe_tasks.split(",") if t.strip()]
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise ValueError(f"probe_tasks: unknown task(s) {bad or self.probe_tasks!r}; known: {', '.join(TASKS)}")
+        return tasks
 
     def validate(self) -> None:
         from peflow.evaluate.templates import get_templates
@@ -62,6 +83,9 @@ class Config:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         get_templates(self.templates)
+        if self.probe_train < 1 or self.probe_test < 1:
+            raise ValueError(f"probe_train and probe_test must be >= 1, got {self.probe_train}, {self.probe_test}")
+        self.probe_task_list()
         if not Path(self.checkpoint).exists():
             raise ValueError(f"checkpoint {self.checkpoint!r} does not exist")
         if not Path(self.data).is_dir():
@@ -141,12 +165,28 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[
     return metrics, counts
 
 
+def evaluate_probes(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[str]) -> ProbeResult | None:
+    """Layer-by-layer probes (None, with a printed note, when the corpus has no train split)."""
+    from peflow.evaluate.probes import run_probes
+
+    if not (Path(cfg.data) / "image" / "train").is_dir():
+        print(f"peflow evaluate: note: {cfg.data} has no image/train split to train probes on; probes skipped")
+        return None
+    result = run_probes(model, cfg.data, tokenizer=tokenizer, probe_train=cfg.probe_train, probe_test=cfg.probe_test,
+                        image_size=cfg.image_size, tasks=cfg.probe_task_list(), classnames=classnames,
+                        batch_size=cfg.batch_size)
+    for note in result.notes:
+        print(f"peflow evaluate: note: {note}")
+    return result
+
+
 def run(cfg: Config) -> Path:
     """Evaluate `cfg.checkpoint` on `cfg.data` into `cfg.out`; returns that path."""
     cfg.validate()
     import torch
 
     from peflow.data.formats import label_names
+    from peflow.evaluate.probes import plot_layers, write_layers_json
     from peflow.evaluate.report import plot_metrics
     from peflow.io import METRICS, atomic_output_dir, dataset_digest, write_json_atomic, write_manifest
     from peflow.models import get_tokenizer, load_model
@@ -165,12 +205,21 @@ def run(cfg: Config) -> Path:
     preset = getattr(model, "peflow_preset", cfg.preset)
     tokenizer = get_tokenizer(preset)
     metrics, counts = evaluate_model(model, tokenizer, cfg, classnames=classnames)
+    probes = evaluate_probes(model, tokenizer, cfg, classnames=classnames) if cfg.probes else None
+    if probes is not None:
+        metrics.update(probes.metrics)
+        counts.update(probes.counts)
     seconds = time.perf_counter() - t0
 
     config = {**dataclasses.asdict(cfg), "resolved_checkpoint": str(ckpt), "resolved_preset": preset}
     with atomic_output_dir(cfg.out) as out:
         write_json_atomic(out / METRICS, metrics)
-        plot_metrics(metrics, out / "metrics.png", title=f"{preset} · {ckpt.name} · {Path(cfg.data).name}")
+        title = f"{preset} · {ckpt.name} · {Path(cfg.data).name}"
+        plot_metrics({k: v for k, v in metrics.items() if not k.startswith("probe/")}, out / "metrics.png",
+                     title=title)
+        if probes is not None:
+            write_layers_json(probes, out / "layers.json")
+            plot_layers(probes, out / "layers.png", title=f"layer-by-layer probes · {title}")
         write_manifest(out, stage=STAGE, config=config, inputs=inputs, counts=counts)
         with _env("MLFLOW_TRACKING_URI", cfg.tracking_uri):
             _log_mlflow(cfg, config, inputs, metrics, out, seconds)
@@ -178,18 +227,30 @@ def run(cfg: Config) -> Path:
     for k in ("zeroshot/test/top1", "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval/t2i/R1"):
         if k in metrics:
             print(f"  {k} = {metrics[k]:.4f}")
+    for task in probes.per_layer if probes is not None else ():
+        best, last = int(metrics[f"probe/{task}/best_layer"]), probes.layers[-1]
+        print(f"  probe/{task}: best layer {best} = {metrics[f'probe/{task}/best']:.4f}, "
+              f"last layer {last} = {metrics[f'probe/{task}/last']:.4f}")
     return Path(cfg.out)
 
 
 def _log_mlflow(cfg: Config, config: dict, inputs: dict, metrics: dict, out: Path, seconds: float) -> None:
     import mlflow
 
+    from peflow import registry
     from peflow.tracking import stage_run
 
     # Tracking sits beside the final folder (not the staging one): same parent.
     with stage_run(STAGE, out_dir=cfg.out, config=config, inputs=inputs, experiment=cfg.experiment,
                    datasets={"data": cfg.data, "checkpoint": cfg.checkpoint},
-                   tags={"peflow.eval_seconds": f"{seconds:.2f}"}):
+                   tags={"peflow.eval_seconds": f"{seconds:.2f}"}) as run:
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(out / "metrics.png"))
         mlflow.log_artifact(str(out / "metrics.json"))
+        for name in ("layers.png", "layers.json"):
+            if (out / name).is_file():
+                mlflow.log_artifact(str(out / name))
+        # The registry: tag the evaluated model version, move `champion` when it wins (a checkpoint
+        # that is no registered version, e.g. an official .pt, is only reported).
+        result = registry.record_evaluation(inputs["checkpoint"], metrics, run_id=run.info.run_id)
+        print(f"peflow evaluate: {registry.describe(result)}")
