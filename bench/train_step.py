@@ -126,20 +126,17 @@ def synthetic_batch(seed: int = 0) -> tuple[Any, Any]:
     return images, tokens
 
 
-def peflow_contender(recipe_name: str, *, fused: bool = False, compile: bool = False
-                     ) -> tuple[Callable[[], None], Any]:
+def peflow_contender(recipe_name: str, *, compile: bool = False) -> tuple[Callable[[], None], Any]:
     """peflow's training step (as `peflow.train.loop.train` runs it) on the tiny config.
 
-    `fused`: the same AdamW (same groups and hyperparameters as
-    `peflow.train.optim.build_optimizer`) with `fused=True`, PyTorch's one-pass
-    CPU kernel; `compile`: `torch.compile` on `clip_forward` (model + loss). Both are bench-side
-    variants of peflow's step, measured to show what peflow.train could adopt.
+    `compile`: `torch.compile` on `clip_forward` (model + loss), a bench-side
+    variant of peflow's step, measured to show what peflow.train could adopt.
     """
     import torch
 
     from peflow.models.pe import ModelPreset, build_model
     from peflow.train.losses import clamp_logit_scale, clip_forward, contrastive_loss, patch_mask
-    from peflow.train.optim import build_optimizer, param_groups
+    from peflow.train.optim import build_optimizer
     from peflow.train.recipe import get_recipe
 
     preset = ModelPreset(name="bench-tiny", timm_base=TIMM_TOWER, image_size=IMAGE, patch_size=16, width=192,
@@ -148,12 +145,7 @@ def peflow_contender(recipe_name: str, *, fused: bool = False, compile: bool = F
     torch.manual_seed(0)
     model = build_model(preset).train()
     recipe = get_recipe(recipe_name)
-    opt = build_optimizer(model, recipe, recipe.lr)
-    if fused:
-        if recipe.optimizer != "adamw":
-            raise ValueError(f"no fused {recipe.optimizer} in torch; --fused applies to AdamW recipes")
-        opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas,
-                                weight_decay=recipe.weight_decay, eps=1e-6, fused=True)
+    opt = build_optimizer(model, recipe, recipe.lr)  # vanilla: fused AdamW; pe: timm LAMB
     forward = torch.compile(clip_forward) if compile else clip_forward  # traces model + loss
     loss_fn = contrastive_loss()
     images, tokens = synthetic_batch()
@@ -269,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", default="vanilla,pe,vanilla+fused",
-                    help="peflow variants to time: <recipe>[+fused][+compile], comma-separated")
+    ap.add_argument("--recipes", default="vanilla,pe",
+                    help="peflow variants to time: <recipe>[+compile], comma-separated")
     ap.add_argument("--no-trainer", action="store_true", help="skip python -m open_clip_train.main")
     ap.add_argument("--trainer-steps", type=int, default=40)
     ap.add_argument("--out", default=str(RESULTS))
@@ -282,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     contenders: dict[str, tuple[Callable[[], None], Any]] = {}
     for r in [r for r in args.recipes.split(",") if r]:
         name, *opts = r.split("+")
-        contenders[f"peflow/{r}"] = peflow_contender(name, fused="fused" in opts, compile="compile" in opts)
+        contenders[f"peflow/{r}"] = peflow_contender(name, compile="compile" in opts)
     contenders["open_clip/pieces"] = open_clip_contender()
     flops = {k: train_flops_per_sample(m) for k, (_, m) in contenders.items()}
     for step, _ in contenders.values():

@@ -73,12 +73,16 @@ def _run_pipeline(cfg: Any) -> None:
     console = Console()
     summaries = orchestration.run_pipeline(cfg, echo=lambda m: console.rule(m.strip("= ")))
     table = Table(title=f"pipeline run {cfg.out}")
-    for col in ("stage", "ran", "seconds", "metrics"):
+    for col in ("task", "ran", "seconds", "key metrics"):
         table.add_column(col, overflow="fold")
     for s in summaries:
-        metrics = ", ".join(f"{k}={v:.3g}" for k, v in s["metrics"].items() if isinstance(v, (int, float)))
-        table.add_row(s["stage"], "yes" if s["ran"] else "reused", f"{s['seconds']:.1f}", metrics)
+        # Per-layer probe scores and per-split top-5 stay in metrics.json and the report.
+        metrics = ", ".join(f"{k}={v:.3g}" for k, v in s["metrics"].items()
+                            if isinstance(v, (int, float)) and "/layer_" not in k and not k.endswith("/top5"))
+        table.add_row(s.get("task", s["stage"]), "yes" if s["ran"] else "reused", f"{s['seconds']:.1f}", metrics)
     console.print(table)
+    if (Path(cfg.out) / "report.html").is_file():
+        console.print(f"report: {Path(cfg.out) / 'report.html'}")
 
 
 def _register_run() -> None:

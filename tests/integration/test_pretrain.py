@@ -107,7 +107,7 @@ def test_short_run_fits_the_tiny_corpus_and_logs_to_mlflow(tiny_corpus: Path, tm
 
 @pytest.fixture(scope="module")
 def nano_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The nano corpus (about 20 s on 2 cores), or $PEFLOW_NANO_CORPUS when set."""
+    """The nano corpus (about 50 s on 2 cores), or $PEFLOW_NANO_CORPUS when set."""
     if os.environ.get("PEFLOW_NANO_CORPUS"):
         return Path(os.environ["PEFLOW_NANO_CORPUS"])
     from peflow.stages import synth
@@ -118,15 +118,14 @@ def nano_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_nano_learns_held_out_zero_shot_above_chance(nano_corpus: Path, tmp_path: Path) -> None:
     """A few minutes of 2-process training on the nano corpus: zero-shot top-1 on the
-    held-out test split (12 shape categories, chance 1/12) clearly above chance.
+    held-out val and test splits (12 shape categories, chance 1/12) well above chance.
 
-    Measured when this was written (vanilla recipe, 400 steps, 2 processes): val 11.5%,
-    test 12.0% (1.4x chance); one process at 800 steps reached 21%. The PE recipe learns
-    more slowly at this budget (see README)."""
+    Measured when this was written (vanilla recipe, 1000 steps of 64, 2 processes): see the
+    assertion message; the full nano budget (2000 steps) is in the README."""
     out = tmp_path / "pretrain"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "-m", "peflow.stages.pretrain",
-           "--data", str(nano_corpus), "--out", str(out), "--recipe", "vanilla", "--steps", "400",
+           "--data", str(nano_corpus), "--out", str(out), "--recipe", "vanilla", "--steps", "1000",
            "--eval-splits", "val,test", "--no-log-model", "--no-progress"]
     env = offline_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(ROOT))
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=1200)
@@ -138,4 +137,5 @@ def test_nano_learns_held_out_zero_shot_above_chance(nano_corpus: Path, tmp_path
     sizes = json.loads((nano_corpus / "card.json").read_text())["splits"]["image"]
     n = sizes["val"] + sizes["test"]
     held_out = (metrics["zeroshot/val/top1"] * sizes["val"] + metrics["zeroshot/test/top1"] * sizes["test"]) / n
-    assert held_out >= chance + 3 * math.sqrt(chance * (1 - chance) / n), metrics
+    # At least 2.5x chance, and far outside what a chance-level model reaches (3 binomial std).
+    assert held_out >= max(2.5 * chance, chance + 3 * math.sqrt(chance * (1 - chance) / n)), metrics

@@ -99,7 +99,7 @@ def test_image_override(tmp_path):
 
 def test_presets_derive_from_nano():
     nano, small, full = presets.nano(), presets.small(), presets.full()
-    assert (nano.image_size, nano.num_frames, nano.train_images) == (64, 16, 4000)
+    assert (nano.image_size, nano.num_frames, nano.train_images) == (64, 16, 24000)
     assert small.image_size == 128 and small.train_images == 10 * nano.train_images
     assert full.image_size == 224 and full.num_frames == 32 and full.train_videos == 100 * nano.train_videos
 

@@ -41,7 +41,10 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.
 
         # max_grad_norm clips the global gradient norm inside LAMB at 1.0 (timm's default).
         return Lamb(groups, lr=lr, betas=recipe.betas, weight_decay=recipe.weight_decay, foreach=False)
-    return torch.optim.AdamW(groups, lr=lr, betas=recipe.betas, weight_decay=recipe.weight_decay, eps=1e-6)
+    # fused: one kernel over all parameters (CPU and CUDA); on CPU it is ~9x faster than the default
+    # per-tensor loop for the dense 49408-row token-embedding update (bench/README.md).
+    return torch.optim.AdamW(groups, lr=lr, betas=recipe.betas, weight_decay=recipe.weight_decay, eps=1e-6,
+                             fused=True)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:

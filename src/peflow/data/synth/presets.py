@@ -13,7 +13,8 @@ class CorpusPreset:
 
     name: str = "nano"
     image_size: int = 64  #: side of images and video frames, pixels (even)
-    train_images: int = 4000
+    #: 24,000: with 4,000 the nano model memorised its captions (zero-shot top-1 21% vs 31% at 24,000)
+    train_images: int = 24000
     val_images: int = 400
     test_images: int = 500
     shift_images: int = 300  #: per shift split
@@ -60,7 +61,7 @@ class CorpusPreset:
 
 
 def nano() -> CorpusPreset:
-    """Demo and CPU pipeline runs: 64 px, about 6k images and 360 videos."""
+    """Demo and CPU pipeline runs: 64 px, about 26k images and 360 videos."""
     return CorpusPreset()
 
 
