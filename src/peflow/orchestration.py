@@ -193,7 +193,8 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
             else:
                 run_in_process(name, argv)
     metrics = io.read_json(out / io.METRICS) if (out / io.METRICS).is_file() else {}
-    return {"stage": name, "task": task.id, "variant": variant, "recipe": task_recipe(cfg, variant), "out": str(out),
+    recipe = task_recipe(cfg, variant) if name in ablation_stages() else None  # synth, validate: no recipe
+    return {"stage": name, "task": task.id, "variant": variant, "recipe": recipe, "out": str(out),
             "ran": ran, "seconds": round(time.monotonic() - t0, 2), "metrics": metrics}
 
 

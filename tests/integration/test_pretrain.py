@@ -120,8 +120,9 @@ def test_nano_learns_held_out_zero_shot_above_chance(nano_corpus: Path, tmp_path
     """A few minutes of 2-process training on the nano corpus: zero-shot top-1 on the
     held-out val and test splits (12 shape categories, chance 1/12) well above chance.
 
-    Measured when this was written (vanilla recipe, 1000 steps of 64, 2 processes): see the
-    assertion message; the full nano budget (2000 steps) is in the README."""
+    Measured when this was written (vanilla recipe, 1000 steps of 64, 2 processes, 169 s of
+    training): test 31.6%, val 24.3% (held-out 28.4%, 3.4x chance); the full nano budget
+    (2000 steps) is in the README."""
     out = tmp_path / "pretrain"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "-m", "peflow.stages.pretrain",
