@@ -90,6 +90,8 @@ def metrics_table(run_root: Path) -> Table:
         path = run_root / (t.variant or "") / t.stage / io.METRICS
         if path.is_file():
             for k, v in json.loads(path.read_text()).items():
+                if "/layer_" in k or k.endswith("/top5"):  # per-layer and top-5 numbers: in the report
+                    continue
                 table.add_row(t.id, k, f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
     return table
 
