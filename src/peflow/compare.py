@@ -275,11 +275,11 @@ def table(cmp: Comparison, *, transposed: bool = False) -> Any:
 def plot(cmp: Comparison, path: str | Path) -> Path:
     """Bar plot: metrics with values in [0, 1] grouped in one panel (one bar per run), each other
     metric in its own panel; best bars outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    from peflow.plots import pyplot, save
+
+    plt = pyplot()
 
     def values(c: str) -> list[float]:
         return [r.metrics[c] for r in cmp.rows if c in r.metrics]
@@ -315,12 +315,7 @@ def plot(cmp: Comparison, path: str | Path) -> Path:
         ax.set_title(c, fontsize=8)
         if not fractions and k == 0:
             ax.legend(handles=legend, fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def report(cmp: Comparison, *, plot_path: str | None, as_json: bool) -> None:

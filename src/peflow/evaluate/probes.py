@@ -385,10 +385,9 @@ def run_probes(model: torch.nn.Module, data_root: str | Path, *, tokenizer: Any,
 def plot_layers(result: ProbeResult, path: str | Path, *, title: str = "") -> Path:
     """Score against layer, one panel per task: the best layer starred, the last layer
     boxed, chance dashed. Written without a timestamp (same scores, same bytes)."""
-    import matplotlib
+    from peflow.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(result.per_layer)
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
@@ -408,13 +407,7 @@ def plot_layers(result: ProbeResult, path: str | Path, *, title: str = "") -> Pa
         ax.margins(x=0.08, y=0.25)
         ax.set_title(task)
         ax.legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save(fig, path, title=title)
 
 
 def write_layers_json(result: ProbeResult, path: str | Path) -> Path:

@@ -14,10 +14,9 @@ def plot_metrics(metrics: Mapping[str, float], path: str | Path, *, title: str =
     """Bar plot: zero-shot top-1/top-5 per split (chance as a line) and
     retrieval R@K per direction. Written without a timestamp, so the same
     metrics give the same PNG bytes."""
-    import matplotlib
+    from peflow.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     splits = [k.split("/")[1] for k in metrics if k.startswith("zeroshot/") and k.endswith("/top1")
               and k.count("/") == 2]
@@ -50,10 +49,4 @@ def plot_metrics(metrics: Mapping[str, float], path: str | Path, *, title: str =
     ax.set_xticklabels([k.removeprefix("retrieval/") for k in ret], rotation=30, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title("retrieval (test captions)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save(fig, path, title=title)

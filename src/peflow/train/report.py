@@ -83,10 +83,9 @@ def final_metrics(history: list[dict[str, Any]], tail: int = 10) -> dict[str, fl
 
 
 def loss_plot(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from peflow.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -98,9 +97,7 @@ def loss_plot(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def finish(cfg: Any, plan: Any, model: torch.nn.Module, history: list[dict[str, Any]], *,
