@@ -48,6 +48,23 @@ def digest(hashes: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set environment variables for the block (a None value leaves that variable as it is),
+    then restore them. Child processes started inside the block inherit them."""
+    values = {k: v for k, v in values.items() if v is not None}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text through a temporary file and an atomic rename."""
     path = Path(path)

@@ -9,14 +9,13 @@ options a user types; distributed stages go through their TorchX component
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +120,8 @@ def stage_argv(name: str, cfg: RunConfig, variant: str | None = None) -> list[st
     varied = ablation_stages() if variant is not None else ()
     argv = ["--out", str(stage_dir(cfg, name, variant))]
     for option, upstream in stage.inputs:
-        argv += [f"--{option.replace('_', '-')}", str(stage_dir(cfg, upstream, variant if upstream in varied else None))]
+        up_variant = variant if upstream in varied else None
+        argv += [f"--{option.replace('_', '-')}", str(stage_dir(cfg, upstream, up_variant))]
     for key in SHARED:
         if key in fields:
             value = getattr(cfg, key)
@@ -129,20 +129,6 @@ def stage_argv(name: str, cfg: RunConfig, variant: str | None = None) -> list[st
                 value = other_recipe(value)
             argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_in_process(name: str, argv: list[str]) -> None:
@@ -187,7 +173,7 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
     if ran:
         env = {"MLFLOW_EXPERIMENT_NAME": cfg.experiment, tracking.PARENT_ENV: parent_run_id or ""}
         argv = stage_argv(name, cfg, variant)
-        with _environ(env):  # child processes (torchrun replicas) inherit these
+        with io.environ(env):  # child processes (torchrun replicas) inherit these
             if stage.distributed:
                 launch(name, argv, cfg)
             else:

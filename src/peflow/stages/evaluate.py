@@ -17,11 +17,9 @@ The checkpoint is a peflow checkpoint folder (`model.safetensors` +
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,21 +113,6 @@ def checkpoint_digest(path: Path) -> str:
     return file_sha256(path) if path.is_file() else dataset_digest(path)
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
 def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[str]) -> tuple[dict, dict]:
     """All metrics for `model` on `cfg.data`: (metrics, counts)."""
     import torch
@@ -188,7 +171,7 @@ def run(cfg: Config) -> Path:
     from peflow.data.formats import label_names
     from peflow.evaluate.probes import plot_layers, write_layers_json
     from peflow.evaluate.report import plot_metrics
-    from peflow.io import METRICS, atomic_output_dir, dataset_digest, write_json_atomic, write_manifest
+    from peflow.io import METRICS, atomic_output_dir, dataset_digest, environ, write_json_atomic, write_manifest
     from peflow.models import get_tokenizer, load_model
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -221,7 +204,7 @@ def run(cfg: Config) -> Path:
             write_layers_json(probes, out / "layers.json")
             plot_layers(probes, out / "layers.png", title=f"layer-by-layer probes · {title}")
         write_manifest(out, stage=STAGE, config=config, inputs=inputs, counts=counts)
-        with _env("MLFLOW_TRACKING_URI", cfg.tracking_uri):
+        with environ({"MLFLOW_TRACKING_URI": cfg.tracking_uri}):
             _log_mlflow(cfg, config, inputs, metrics, out, seconds)
     print(f"peflow evaluate: {len(metrics)} metrics in {seconds:.1f}s -> {cfg.out}")
     for k in ("zeroshot/test/top1", "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval/t2i/R1"):
