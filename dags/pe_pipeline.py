@@ -66,7 +66,7 @@ def end_run(parent_run_id: str, names: list[str]) -> dict:
     ctx = get_current_context()
     cfg = _config()
     summaries = {n: ctx["ti"].xcom_pull(task_ids=n) for n in names}
-    wanted = [n for n in names if cfg.ablation or not n.endswith(f"_{orchestration.ABLATION}")]
+    wanted = [t.id for t in orchestration.tasks() if cfg.ablation or not t.variant]
     failed = [n for n in wanted if not summaries[n]]
     orchestration.end_pipeline_run(cfg, parent_run_id, [s for s in summaries.values() if s], failed=bool(failed))
     if failed:

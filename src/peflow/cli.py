@@ -69,6 +69,7 @@ def _run_pipeline(cfg: Any) -> None:
     from rich.table import Table
 
     from peflow import orchestration
+    from peflow.run_report import is_detail
 
     console = Console()
     summaries = orchestration.run_pipeline(cfg, echo=lambda m: console.rule(m.strip("= ")))
@@ -76,9 +77,8 @@ def _run_pipeline(cfg: Any) -> None:
     for col in ("task", "ran", "seconds", "key metrics"):
         table.add_column(col, overflow="fold")
     for s in summaries:
-        # Per-layer probe scores and per-split top-5 stay in metrics.json and the report.
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in s["metrics"].items()
-                            if isinstance(v, (int, float)) and "/layer_" not in k and not k.endswith("/top5"))
+                            if isinstance(v, (int, float)) and not is_detail(k))
         table.add_row(s.get("task", s["stage"]), "yes" if s["ran"] else "reused", f"{s['seconds']:.1f}", metrics)
     console.print(table)
     if (Path(cfg.out) / "report.html").is_file():

@@ -28,6 +28,7 @@ DEFAULT_METRICS = (
     "evaluate/retrieval/i2t/R1",
     "evaluate/retrieval/t2i/R1",
     "evaluate/probe/*/best*",
+    "evaluate/probe/*/last",
     "pretrain/train/final_loss",
     "pretrain/train/samples_per_s",
 )

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from peflow import io, orchestration, services
 from peflow.airflow_api import TERMINAL, AirflowAPI
+from peflow.run_report import is_detail
 
 console = Console()
 DAG_ID = "pe_pipeline"
@@ -90,7 +91,7 @@ def metrics_table(run_root: Path) -> Table:
         path = run_root / (t.variant or "") / t.stage / io.METRICS
         if path.is_file():
             for k, v in json.loads(path.read_text()).items():
-                if "/layer_" in k or k.endswith("/top5"):  # per-layer and top-5 numbers: in the report
+                if is_detail(k):
                     continue
                 table.add_row(t.id, k, f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
     return table

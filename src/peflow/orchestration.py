@@ -21,13 +21,14 @@ from typing import Any
 
 from peflow import io, stages, tracking
 from peflow.config import opt, req
+from peflow.train.recipe import RECIPES as recipe_presets  # stdlib only: no torch at DAG parse time
 
 # Run-config fields handed to every stage whose Config has a field of that name.
 SHARED = ("preset", "seed", "recipe", "experiment", "max_failure_rate")
 BUILTIN = "builtin"
 #: The variant of an ablation run: the other recipe at the same budget, under OUT/ablation/.
 ABLATION = "ablation"
-RECIPES = ("pe", "vanilla")
+RECIPES = tuple(recipe_presets)  # ("pe", "vanilla"): the pretraining recipes an ablation compares
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -225,11 +226,15 @@ def end_pipeline_run(cfg: RunConfig, run_id: str, summaries: list[dict[str, Any]
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
+def stage_key(stage: str, name: str) -> str:
+    """A stage metric's name prefixed by its stage: `evaluate/zeroshot/test/top1`."""
+    return name if name.startswith(f"{stage}/") else f"{stage}/{name}"
+
+
 def metric_key(summary: dict[str, Any], name: str) -> str:
     """A stage metric's name in the pipeline run: `evaluate/zeroshot/test/top1`,
     `ablation/evaluate/zeroshot/test/top1` for the ablation variant."""
-    stage = summary["stage"]
-    key = name if name.startswith(f"{stage}/") else f"{stage}/{name}"
+    key = stage_key(summary["stage"], name)
     return f"{summary['variant']}/{key}" if summary.get("variant") else key
 
 

@@ -11,28 +11,16 @@ curve, metric bars, layer plot), images embedded so the file travels alone.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-REPORT = "report.html"
+from peflow.compare import DEFAULT_METRICS, direction
 
-#: Rows of the key-metrics table, in order; `probe/*` rows are added from what the run measured.
-KEY_METRICS = (
-    "evaluate/zeroshot/test/top1",
-    "evaluate/zeroshot/test/top5",
-    "evaluate/zeroshot/robustness_avg",
-    "evaluate/zeroshot/chance_top1",
-    "evaluate/retrieval/i2t/R1",
-    "evaluate/retrieval/t2i/R1",
-    "evaluate/retrieval/mean_recall",
-    "pretrain/train/final_loss",
-    "pretrain/train/samples_per_s",
-)
-#: Metrics where lower is better (the rest: higher is better).
-LOWER_IS_BETTER = ("loss", "seconds")
+REPORT = "report.html"
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -46,23 +34,31 @@ td.best { font-weight: bold; background: #e6f4ea; }
 """
 
 
+def is_detail(name: str) -> bool:
+    """Per-layer probe scores and top-5 numbers: kept in metrics.json, MLflow and this report's
+    plots, left out of console summaries (`peflow run`, `make demo`)."""
+    return "/layer_" in name or name.endswith("/top5")
+
+
 def _columns(summaries: Sequence[Mapping[str, Any]]) -> list[str | None]:
     """Variants present, main first: [None] or [None, "ablation"]."""
     return [None, *sorted({s["variant"] for s in summaries if s.get("variant")})]
 
 
 def _by_variant(summaries: Sequence[Mapping[str, Any]]) -> dict[str | None, dict[str, float]]:
-    """variant -> {"<stage>/<metric>": value} over that variant's tasks (main stages feed both columns:
-    an ablation reuses the main run's corpus and validation)."""
-    out: dict[str | None, dict[str, float]] = {v: {} for v in _columns(summaries)}
-    for s in summaries:
-        for k, v in s.get("metrics", {}).items():
-            if isinstance(v, (int, float)):
-                key = k if k.startswith(f"{s['stage']}/") else f"{s['stage']}/{k}"
-                targets = [s.get("variant")] if s.get("variant") else list(out)
-                for t in targets:
-                    if s.get("variant") or key not in out[t]:
-                        out[t][key] = float(v)
+    """variant -> {"<stage>/<metric>": value}. A variant column starts from the main tasks (an
+    ablation reuses the main run's corpus and validation), then its own tasks replace theirs."""
+    from peflow.orchestration import stage_key
+
+    def numbers(s: Mapping[str, Any]) -> dict[str, float]:
+        return {stage_key(s["stage"], k): float(v) for k, v in s.get("metrics", {}).items()
+                if isinstance(v, (int, float))}
+
+    main = {k: v for s in summaries if not s.get("variant") for k, v in numbers(s).items()}
+    out: dict[str | None, dict[str, float]] = {None: main}
+    for variant in _columns(summaries)[1:]:
+        out[variant] = {**main, **{k: v for s in summaries if s.get("variant") == variant
+                                   for k, v in numbers(s).items()}}
     return out
 
 
@@ -86,11 +82,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, raw: bool = 
 
 
 def metric_rows(values: Mapping[str | None, Mapping[str, float]]) -> list[str]:
-    """The metric names the key table shows: KEY_METRICS, then each probe task's best layer, best and last."""
-    present = set().union(*(v.keys() for v in values.values()))
-    probes = sorted({k for k in present if k.startswith("evaluate/probe/")
-                     and k.rsplit("/", 1)[-1] in ("best_layer", "best", "last")})
-    return [k for k in KEY_METRICS if k in present] + probes
+    """The metric names the key table shows: the key metrics of `peflow compare` (globs expanded in
+    their order), among them each probe task's best layer, best score and last-layer score."""
+    present = sorted(set().union(*(v.keys() for v in values.values())))
+    rows = [k for pattern in DEFAULT_METRICS for k in present if fnmatch.fnmatchcase(k, pattern)]
+    return list(dict.fromkeys(rows))
 
 
 def _metrics_html(values: Mapping[str | None, Mapping[str, float]], labels: Sequence[str]) -> str:
@@ -99,8 +95,8 @@ def _metrics_html(values: Mapping[str | None, Mapping[str, float]], labels: Sequ
         vals = [values[v].get(name) for v in values]
         have = [x for x in vals if x is not None]
         best = None
-        if len(have) > 1 and not name.endswith(("best_layer", "chance_top1")):
-            best = min(have) if any(w in name for w in LOWER_IS_BETTER) else max(have)
+        if len(have) > 1 and direction(name):
+            best = max(have, key=lambda x: direction(name) * x)
         cells = [f"<td>{html.escape(name)}</td>"]
         for x in vals:
             cls = "num best" if best is not None and x == best else "num"

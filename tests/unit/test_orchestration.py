@@ -84,4 +84,4 @@ def test_report_puts_recipes_side_by_side(tmp_path):
     assert page.count("data:image/png;base64,") == 2
     assert html.escape(str(outs["ablation/evaluate"] / "layers.png")) in page
     values = {None: {"evaluate/probe/seg/best": 1.0, "pretrain/train/final_loss": 2.0, "other/x": 1.0}}
-    assert metric_rows(values) == ["pretrain/train/final_loss", "evaluate/probe/seg/best"]
+    assert metric_rows(values) == ["evaluate/probe/seg/best", "pretrain/train/final_loss"]
