@@ -4,6 +4,7 @@ pe_pipeline over REST with the tiny `test` preset and the recipe ablation on,
 poll it to success, read the run tree and the run report back from the MLflow
 server, and look at it in headless Chromium."""
 
+import contextlib
 import os
 import subprocess
 import time
@@ -93,10 +94,15 @@ def _browser(p):
 
 
 def _login(page, stack):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.goto(stack.airflow_url() + "/", wait_until="networkidle")
     page.fill("input[name=username]", "admin")
     page.fill("input[name=password]", stack.airflow_password())
     page.click("button:has-text('Sign in')")
+    # The redirect after sign-in can come after the network is first idle: wait for the URL itself.
+    with contextlib.suppress(PlaywrightTimeout):
+        page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
     page.wait_for_load_state("networkidle")
     assert "/auth/login" not in page.url
 
