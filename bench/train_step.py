@@ -129,8 +129,8 @@ def synthetic_batch(seed: int = 0) -> tuple[Any, Any]:
 def peflow_contender(recipe_name: str, *, compile: bool = False) -> tuple[Callable[[], None], Any]:
     """peflow's training step (as `peflow.train.loop.train` runs it) on the tiny config.
 
-    `compile`: `torch.compile` on `clip_forward` (model + loss), a bench-side
-    variant of peflow's step, measured to show what peflow.train could adopt.
+    `compile`: `torch.compile` on `clip_forward` (model + loss), as `peflow pretrain
+    --compile` (`TrainPlan.compile`) runs it.
     """
     import torch
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", default="vanilla,pe",
+    ap.add_argument("--recipes", default="vanilla,vanilla+compile,pe",
                     help="peflow variants to time: <recipe>[+compile], comma-separated")
     ap.add_argument("--no-trainer", action="store_true", help="skip python -m open_clip_train.main")
     ap.add_argument("--trainer-steps", type=int, default=40)

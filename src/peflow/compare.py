@@ -24,6 +24,8 @@ from typing import Any
 #: Shown by default when at least one run has them (globs allowed).
 DEFAULT_METRICS = (
     "evaluate/zeroshot/test/top1",
+    "evaluate/zeroshot/test/top1_atypical_colour",
+    "evaluate/zeroshot_colour/test/top1",
     "evaluate/zeroshot/robustness_avg",
     "evaluate/retrieval/i2t/R1",
     "evaluate/retrieval/t2i/R1",
@@ -33,7 +35,7 @@ DEFAULT_METRICS = (
     "pretrain/train/samples_per_s",
 )
 LOWER_IS_BETTER = ("*loss*", "time/*", "*/seconds")
-UNRANKED = ("*best_layer", "*/steps", "*chance*")
+UNRANKED = ("*best_layer", "*/steps", "*chance*", "*majority*")
 BEST_MARK = "*"
 
 

@@ -49,6 +49,14 @@ def test_evaluate_stage_end_to_end(tiny_corpus, micro_checkpoint, tmp_path, monk
     avg = sum(metrics[f"zeroshot/{s}/top1"] for s in ZS_SPLITS) / len(ZS_SPLITS)
     assert metrics["zeroshot/robustness_avg"] == pytest.approx(avg)
     assert metrics["zeroshot/chance_top1"] == pytest.approx(1 / 12)
+    # attribute label sets and the colour-typicality split: on the clean split only
+    assert metrics["zeroshot_colour/chance_top1"] == pytest.approx(1 / 10)
+    assert metrics["zeroshot_position/chance_top1"] == pytest.approx(1 / 5)
+    for k in ("zeroshot_colour/test/top1", "zeroshot_colour/test/majority_top1", "zeroshot_position/test/top1",
+              "zeroshot/test/top1_typical_colour", "zeroshot/test/top1_atypical_colour"):
+        assert 0.0 <= metrics[k] <= 1.0, k
+    assert not any(k.startswith("zeroshot_") and "/shift_" in k for k in metrics)
+    assert "zeroshot/shift_sketch/top1_atypical_colour" not in metrics
     for prefix in ("retrieval", "retrieval_dsl"):
         for d in ("i2t", "t2i"):
             rs = [metrics[f"{prefix}/{d}/R{k}"] for k in (1, 5, 10)]
@@ -99,6 +107,7 @@ def test_evaluate_bad_input_is_a_clear_error(tiny_corpus, micro_checkpoint, tmp_
 
 def test_evaluate_metric_names_documented():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
-    for name in ("zeroshot/<split>/top1", "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval_dsl/"):
+    for name in ("zeroshot/<split>/top1", "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval_dsl/",
+                 "zeroshot_colour/<split>/top1", "top1_atypical_colour", "zeroshot_<set>/chance_top1"):
         assert name in doc, name
     json.dumps(doc)  # plain text

@@ -3,6 +3,8 @@ built-in corpus or any image-text shards with labels):
 
 - `zeroshot`: prompt-ensembled zero-shot classification, top-1/top-5 on the
   clean held-out split and each distribution-shift split, robustness average;
+- `labelsets`: zero-shot on the primary object's colour and position, and
+  shape top-1 on images with and without their shape's typical colour;
 - `retrieval`: image-to-text and text-to-image Recall@1/5/10, optionally with
   PE's DSL re-weighting;
 - `features`: batched, gradient-free embedding of splits and texts;

@@ -33,6 +33,7 @@ class SplitFeatures:
     labels: torch.Tensor  # [N], label_id or -1 when the sample has none
     captions: list[str]
     keys: list[str]
+    metas: list[dict[str, Any]]  # the sample jsons
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -108,17 +109,18 @@ def encode_image_split(
                 return
             yield s
 
-    embs, labels, captions, keys = [], [], [], []
+    embs, labels, captions, keys, metas = [], [], [], [], []
     for batch in _batched(samples(), batch_size):
         x = torch.stack([preprocess(s["image"], image_size) for s in batch]).to(device)
         embs.append(model.encode_image(x).float().cpu())
         labels += [_label_id(s["meta"], classnames) for s in batch]
         captions += [s["caption"] for s in batch]
         keys += [s["key"] for s in batch]
+        metas += [s["meta"] for s in batch]
     if not keys:
         raise ValueError(f"{root}: split {split!r} holds no samples")
     return SplitFeatures(split=split, image_emb=torch.cat(embs), labels=torch.tensor(labels, dtype=torch.long),
-                         captions=captions, keys=keys)
+                         captions=captions, keys=keys, metas=metas)
 
 
 @torch.no_grad()

@@ -83,6 +83,17 @@ OPENAI_TEMPLATES: tuple[str, ...] = (
     "a photo of a weird {c}.",
 )
 
+#: Prompts of the attribute label sets (`peflow.evaluate.labelsets`): `{c}` is the class's phrase.
+ATTRIBUTE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("a {c} shape.", "a photo of a {c} shape.", "an image of a {c} object.", "a picture showing a {c} shape."),
+    "position": ("a shape {c}.", "a photo of a shape {c}.", "an image of an object {c}.", "a large shape {c}."),
+}
+#: How a class of an attribute label set is worded in a prompt, where not by its name (the corpus's words).
+ATTRIBUTE_PHRASES: dict[str, dict[str, str]] = {
+    "position": {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+                 "center": "in the center"},
+}
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "corpus": CORPUS_TEMPLATES,
     "simple": SIMPLE_TEMPLATES,

@@ -117,7 +117,9 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[
     """All metrics for `model` on `cfg.data`: (metrics, counts)."""
     import torch
 
+    from peflow.data.formats import load_card
     from peflow.evaluate.features import encode_image_split, encode_texts, eval_splits
+    from peflow.evaluate.labelsets import attribute_metrics, typicality_metrics
     from peflow.evaluate.retrieval import retrieval_metrics
     from peflow.evaluate.templates import get_templates
     from peflow.evaluate.zeroshot import class_embeddings, zeroshot_metrics
@@ -137,6 +139,11 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[
         if bool((feats[split].labels < 0).any()):
             raise ValueError(f"{cfg.data}: split {split!r} has samples without a label (json label_id)")
     metrics = zeroshot_metrics({s: (feats[s].image_emb, feats[s].labels) for s in splits}, classifier)
+    # What the model learned of colour and position, and shape without the colour cue (labelsets).
+    card = load_card(cfg.data)
+    metrics.update(typicality_metrics({s: (feats[s].image_emb, feats[s].labels, feats[s].metas) for s in splits},
+                                      card, classifier))
+    metrics.update(attribute_metrics({s: (feats[s].image_emb, feats[s].metas) for s in splits}, card, texts))
 
     r = feats[cfg.retrieval_split]
     text_emb = texts(r.captions)
@@ -207,7 +214,8 @@ def run(cfg: Config) -> Path:
         with environ({"MLFLOW_TRACKING_URI": cfg.tracking_uri}):
             _log_mlflow(cfg, config, inputs, metrics, out, seconds)
     print(f"peflow evaluate: {len(metrics)} metrics in {seconds:.1f}s -> {cfg.out}")
-    for k in ("zeroshot/test/top1", "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval/t2i/R1"):
+    for k in ("zeroshot/test/top1", "zeroshot/test/top1_atypical_colour", "zeroshot/robustness_avg",
+              "zeroshot_colour/test/top1", "zeroshot_position/test/top1", "retrieval/i2t/R1", "retrieval/t2i/R1"):
         if k in metrics:
             print(f"  {k} = {metrics[k]:.4f}")
     for task in probes.per_layer if probes is not None else ():

@@ -109,15 +109,14 @@ def finish(cfg: Any, plan: Any, model: torch.nn.Module, history: list[dict[str, 
     from peflow.models.pe import get_tokenizer, save_model
     from peflow.train import checkpoint as ckpt
     from peflow.train.loop import HISTORY
-    from peflow.train.zeroshot import chance, zeroshot_top1
+    from peflow.train.zeroshot import zeroshot_check
 
     model = model.float().cpu().eval()
     metrics = final_metrics(history)
     splits = [s.strip() for s in cfg.eval_splits.split(",") if s.strip()]
     if splits:
-        accs = zeroshot_top1(model, get_tokenizer(plan.preset), plan.data, splits, resolution=plan.resolutions[-1][0])
-        metrics.update({f"zeroshot/{s}/top1": v for s, v in accs.items()})
-        metrics["zeroshot/chance_top1"] = chance(plan.data)
+        metrics.update(zeroshot_check(model, get_tokenizer(plan.preset), plan.data, splits,
+                                      resolution=plan.resolutions[-1][0]))
     with atomic_output_dir(cfg.out) as out:
         save_model(model, out, extra={"stage": "pretrain", "recipe": cfg.recipe, "steps": plan.steps})
         shutil.copyfile(plan.ckpt_dir / HISTORY, out / HISTORY)

@@ -105,6 +105,8 @@ def card(p: CorpusPreset, seed: int, result: dict[str, Any]) -> dict[str, Any]:
         "categories": list(vocab.CATEGORIES),
         "actions": list(vocab.ACTIONS),
         "colours": {k: list(v) for k, v in vocab.COLOURS.items()},
+        "typical_colours": dict(vocab.TYPICAL_COLOUR),
+        "typical_colour_p": vocab.TYPICAL_COLOUR_P,
         "rendition_colours": {k: list(v) for k, v in vocab.RENDITION_COLOURS.items()},
         "sizes": list(vocab.SIZES),
         "textures": list(vocab.TEXTURES),
