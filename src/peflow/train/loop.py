@@ -179,7 +179,7 @@ def train(plan: TrainPlan, dist: Dist, *, on_step: Callable[[dict[str, Any]], No
                 idx, mask = _mask_plan(plan, step, dist.rank * loader.local_batch + c0, im, model)
                 with torch.autocast(**autocast):
                     out = forward(model, im, tk, loss_fn, mask_idx=idx, mask_MN=mask,
-                                       mask_reg_weight=plan.recipe.mask_reg_weight)
+                              mask_reg_weight=plan.recipe.mask_reg_weight)
                 (out.total / len(chunks)).backward()
                 sums += torch.tensor([out.total.item(), out.clip.item(),
                                       out.mask_reg.item() if out.mask_reg is not None else 0.0]) / len(chunks)
