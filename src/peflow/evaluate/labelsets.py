@@ -24,12 +24,15 @@ Shape legend: N images, C classes, E embedding dim.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from peflow.evaluate.templates import ATTRIBUTE_PHRASES, ATTRIBUTE_TEMPLATES
 from peflow.evaluate.zeroshot import class_embeddings, zeroshot_accuracy
+
+if TYPE_CHECKING:
+    from peflow.evaluate.features import SplitFeatures
 
 #: label set -> the card field listing its classes
 CARD_FIELDS: dict[str, str] = {"colour": "colours", "position": "positions"}
@@ -110,4 +113,18 @@ def typicality_metrics(
             chosen = torch.tensor([f is want for f in flags], dtype=torch.bool)
             if bool(chosen.any()):
                 out[f"zeroshot/{split}/{key}"] = _top1(emb, labels, classifier_CE, chosen)
+    return out
+
+
+def labelset_metrics(
+    feats: Mapping[str, SplitFeatures],
+    card: Mapping[str, Any],
+    shape_classifier_CE: torch.Tensor,
+    encode_texts: Callable[[list[str]], torch.Tensor],
+) -> dict[str, float]:
+    """Both kinds of metrics above for encoded splits (`features.encode_image_split`), as
+    `peflow evaluate` and the pretrain stage's end-of-run check report them."""
+    out = typicality_metrics({s: (f.image_emb, f.labels, f.metas) for s, f in feats.items()}, card,
+                             shape_classifier_CE)
+    out.update(attribute_metrics({s: (f.image_emb, f.metas) for s, f in feats.items()}, card, encode_texts))
     return out

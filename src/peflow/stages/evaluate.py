@@ -119,7 +119,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[
 
     from peflow.data.formats import load_card
     from peflow.evaluate.features import encode_image_split, encode_texts, eval_splits
-    from peflow.evaluate.labelsets import attribute_metrics, typicality_metrics
+    from peflow.evaluate.labelsets import labelset_metrics
     from peflow.evaluate.retrieval import retrieval_metrics
     from peflow.evaluate.templates import get_templates
     from peflow.evaluate.zeroshot import class_embeddings, zeroshot_metrics
@@ -140,10 +140,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[
             raise ValueError(f"{cfg.data}: split {split!r} has samples without a label (json label_id)")
     metrics = zeroshot_metrics({s: (feats[s].image_emb, feats[s].labels) for s in splits}, classifier)
     # What the model learned of colour and position, and shape without the colour cue (labelsets).
-    card = load_card(cfg.data)
-    metrics.update(typicality_metrics({s: (feats[s].image_emb, feats[s].labels, feats[s].metas) for s in splits},
-                                      card, classifier))
-    metrics.update(attribute_metrics({s: (feats[s].image_emb, feats[s].metas) for s in splits}, card, texts))
+    metrics.update(labelset_metrics({s: feats[s] for s in splits}, load_card(cfg.data), classifier, texts))
 
     r = feats[cfg.retrieval_split]
     text_emb = texts(r.captions)
