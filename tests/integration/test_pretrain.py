@@ -108,15 +108,20 @@ def test_short_run_fits_the_tiny_corpus_and_logs_to_mlflow(tiny_corpus: Path, tm
 @pytest.mark.slow
 def test_compiled_step_trains_like_the_eager_one(tiny_corpus: Path, tmp_path: Path) -> None:
     """`--compile` (torch.compile of forward + loss, inductor on CPU) gives the eager run's losses."""
+    from torch._dynamo.utils import counters
+
     from peflow.stages.pretrain import Config, run
 
     losses = {}
     for compiled in (False, True):
         out = tmp_path / f"compile-{compiled}" / "pretrain"
+        counters.clear()
         run(Config(data=str(tiny_corpus), out=str(out), preset="micro", recipe="pe", steps=4, global_batch=16,
                    resolutions="32:1", eval_splits="", log_model=False, progress=False, threads=2,
                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", compile=compiled))
         losses[compiled] = _losses(out)
+        # the compiled run really went through dynamo (and the eager one did not)
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled, dict(counters["stats"])
     assert len(losses[True]) == 4
     for eager, comp in zip(losses[False], losses[True]):
         assert comp == pytest.approx(eager, rel=1e-3), losses
