@@ -55,6 +55,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the python, numpy and torch (and CUDA, when saved and present) RNG states of `rng_state`."""
     gauss = state["python_gauss"]
     random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_state"].tolist()),
                      None if gauss != gauss else gauss))
@@ -75,6 +76,7 @@ def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint folder under `root` (model and trainer state present), or None."""
     dirs = [p for _, p in step_dirs(root) if (p / TRAINER_FILE).is_file() and (p / MODEL_FILE).is_file()]
     return dirs[-1] if dirs else None
 

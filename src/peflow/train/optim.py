@@ -26,6 +26,7 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups of the trainable parameters: decayed at `weight_decay`, and not decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
