@@ -6,7 +6,10 @@ with seeded random values (every bias and LayerNorm parameter perturbed, so a
 wrong mapping cannot hide), loads it through `peflow.models.load_model`, and
 compares the encodings with a small pure-torch forward of the official towers
 written here from the research notes (sections 1.2-1.4), not from timm or
-open_clip.
+open_clip. At other input sizes the reference does what the official code
+does: RoPE on the integer positions of the actual patch grid, and the grid
+part of the absolute position embedding resampled bilinearly
+(align_corners=False, no antialias) with the class-token entry kept.
 
 Shape legend: B batch, N tokens, W width, H heads, K head dim.
 """
@@ -148,13 +151,26 @@ def _block(x: torch.Tensor, sd: dict, p: str, heads: int, *, ang=None, causal=Fa
     return x + _mlp(_ln(x, sd, f"{p}.ln_2"), sd, f"{p}.mlp")
 
 
+def sample_pos_embed(pos_NW: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1 + gh*gw, W] position embedding at a (grid_h, grid_w) patch grid, as the official
+    code: the class-token row kept, the square grid part resampled bilinearly
+    (align_corners=False, no antialias); unchanged at the native grid."""
+    cls, grid = pos_NW[:1], pos_NW[1:]
+    g = math.isqrt(grid.shape[0])
+    if (grid_h, grid_w) != (g, g):
+        grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, W, g, g]
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False, antialias=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+    return torch.cat([cls, grid], dim=0)
+
+
 def reference_vision(sd: dict, img_BCHW: torch.Tensor, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
     """The official PE-Core vision forward: (embedding [B, OUT], {layer: tokens [B, N, W]})."""
     x = F.conv2d(img_BCHW, sd["visual.conv1.weight"], stride=PATCH)  # no bias
     B, _, gh, gw = x.shape
     x = x.flatten(2).transpose(1, 2)  # row-major (h, w)
     x = torch.cat([sd["visual.class_embedding"].expand(B, 1, W), x], dim=1)
-    x = x + sd["visual.positional_embedding"]
+    x = x + sample_pos_embed(sd["visual.positional_embedding"], gh, gw)
     x = _ln(x, sd, "visual.ln_pre")
     ang = rope_2d_angles(gh, gw, W // HEADS, cls=True)
     tapped = {}
@@ -196,7 +212,12 @@ def official(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(official):
     torch.manual_seed(0)
-    return load_model(official[1], preset="pe-core-t16").eval()
+    return load_model(official[1], preset="pe-core-t16")  # eval mode already (asserted below)
+
+
+def test_load_model_returns_eval_mode(loaded):
+    assert not loaded.training
+    assert not any(m.training for m in loaded.modules())
 
 
 def test_rope_reference_is_the_documented_layout():
@@ -223,6 +244,7 @@ def test_official_checkpoint_matches_reference(official, loaded):
         assert diff <= 1e-5 * max(1.0, scale), f"layer {layer} tokens differ by {diff} (scale {scale})"
     assert got_emb.shape == ref_emb.shape == (2, OUT)
     torch.testing.assert_close(got_emb, ref_emb, rtol=1e-5, atol=1e-5)
+    assert (got_emb - ref_emb).abs().max().item() < 1e-5
     torch.testing.assert_close(F.normalize(got_emb, dim=-1), F.normalize(ref_emb, dim=-1), rtol=0, atol=2e-6)
 
     tok = get_tokenizer("pe-core-t16")(["a photo of a red cube.", "two blue spheres on a striped floor"])
@@ -233,6 +255,38 @@ def test_official_checkpoint_matches_reference(official, loaded):
     torch.testing.assert_close(got_txt, ref_txt, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(F.normalize(got_txt, dim=-1), F.normalize(ref_txt, dim=-1), rtol=0, atol=2e-6)
     assert torch.isclose(loaded.logit_scale.detach(), sd["logit_scale"])
+
+
+def test_sample_pos_embed_keeps_cls_and_native_grid():
+    pos = torch.randn(1 + 4 * 4, 8)
+    assert torch.equal(sample_pos_embed(pos, 4, 4), pos)
+    up = sample_pos_embed(pos, 6, 3)
+    assert up.shape == (1 + 18, 8) and torch.equal(up[0], pos[0])
+    # Bilinear, align_corners=False: a 2x2 ramp 0..1 across columns becomes [0, .25, .75, 1] per row.
+    ramp = torch.tensor([[9.0], [0.0], [1.0], [0.0], [1.0]])  # class row, then the 2x2 grid (row-major)
+    out = sample_pos_embed(ramp, 4, 4)
+    assert out[0, 0] == 9.0
+    assert torch.equal(out[1:, 0].view(4, 4), torch.tensor([[0.0, 0.25, 0.75, 1.0]] * 4))
+
+
+@pytest.mark.parametrize("size", [224, 448, 320])
+def test_other_resolutions_match_official_resampling(official, loaded, size):
+    """Off the native 384 px, RoPE uses the actual grid's integer positions and the
+    position embedding is resampled bilinearly, as in the official code. (With timm's
+    defaults, RoPE rescaled to the 24x24 grid and a bicubic antialiased resample, the
+    embeddings were 0.14 apart at 224 px and 0.018 at 448 px, max abs.)"""
+    sd, _ = official
+    torch.manual_seed(2)
+    img = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref_emb, ref_taps = reference_vision(sd, img, taps=(3,))
+        got_tap = encode_layers(loaded, img, [3])[3]
+        got_emb = loaded.encode_image(img)
+    assert got_tap.shape == ref_taps[3].shape == (2, 1 + (size // PATCH) ** 2, W)
+    assert (got_tap - ref_taps[3]).abs().max().item() < 1e-5
+    assert got_emb.shape == ref_emb.shape == (2, OUT)
+    assert (got_emb - ref_emb).abs().max().item() < 1e-5
+    torch.testing.assert_close(F.normalize(got_emb, dim=-1), F.normalize(ref_emb, dim=-1), rtol=0, atol=2e-6)
 
 
 def test_missing_keys_are_named(official, tmp_path):

@@ -4,6 +4,10 @@ Presets mirror the official PE-Core sizes (T/S/B/L/G: same widths, depths,
 heads and patch sizes as `facebook/PE-Core-*`) plus CPU presets (`nano`,
 `micro`) for the embedded default. Every preset is built by open_clip's
 `CustomTextCLIP` around a timm `vit_pe_core_*` tower, without any download.
+At input sizes other than the native one the tower follows the official PE
+code, not timm's defaults: RoPE on the integer positions of the actual patch
+grid, and the position embedding resampled bilinearly (`PEVisionTower`).
+Loading reports every bad file as a one-line ValueError that names it.
 
 Shape legend: B batch, L tokens, D width, E embedding dim.
 """
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.eva import Eva
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,7 +55,7 @@ class ModelPreset:
         return self.image_size // self.patch_size
 
     def vision_overrides(self) -> dict[str, Any]:
-        """kwargs for `timm.create_model(timm_base, **kw)`."""
+        """kwargs for timm's `timm_base` model function (see `build_vision_tower`)."""
         kw: dict[str, Any] = dict(
             img_size=self.image_size,
             patch_size=self.patch_size,
@@ -58,9 +63,14 @@ class ModelPreset:
             depth=self.depth,
             num_heads=self.heads,
             mlp_ratio=self.mlp_ratio,
-            ref_feat_shape=(self.grid, self.grid),
+            # RoPE on integer patch positions of the actual grid, as the official
+            # PE code does; timm's default for `vit_pe_*` rescales positions onto
+            # the pretraining grid, which changes non-native sizes only (at the
+            # native grid both give the same angles, bit for bit).
+            ref_feat_shape=None,
             # Progressive resolution: the position embedding stays on the base
-            # grid and is resampled on the fly at other input sizes.
+            # grid and is resampled on the fly at other input sizes
+            # (`PEVisionTower`: bilinear, as the official code).
             dynamic_img_size=True,
         )
         if not self.class_token:
@@ -123,13 +133,72 @@ def get_model_preset(name: str) -> ModelPreset:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}") from None
 
 
+class PEVisionTower(Eva):
+    """timm's `Eva` (the `vit_pe_core_*` tower) with the official PE position-embedding
+    resampling at input sizes other than the native one.
+
+    The official code resamples the grid part of the absolute position embedding
+    bilinearly (align_corners=False, no antialias) and keeps the class-token entry;
+    timm's `Eva._pos_embed` resamples bicubically with antialias and has no option
+    to change that, so this subclass overrides that one method and nothing else
+    (no parameters or buffers of its own: state dicts are timm's). At the native
+    grid, and without `dynamic_img_size`, it is timm's own `_pos_embed`.
+    """
+
+    def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.dynamic_img_size or self.pos_embed is None or getattr(self, "rope_mixed", False):
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape  # dynamic_img_size: patch_embed gives NHWC
+        if (H, W) == tuple(self.patch_embed.grid_size):
+            return super()._pos_embed(x)
+        from timm.layers import resample_abs_pos_embed
+        from timm.models.eva import apply_keep_indices_nlc
+
+        pos_embed = resample_abs_pos_embed(
+            self.pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            interpolation="bilinear", antialias=False, align_corners=False,
+        )
+        x = x.reshape(B, H * W, C)
+        rot_pos_embed = self.rope.get_embed(shape=(H, W)) if self.rope is not None else None
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.no_embed_class:
+            x = torch.cat([*prefix, x + pos_embed], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos_embed
+        x = self.pos_drop(x)
+        if self.patch_drop is not None:  # as timm: drop patches, and their RoPE rows
+            x, keep_indices = self.patch_drop(x)
+            if rot_pos_embed is not None and keep_indices is not None:
+                rot_pos_embed = apply_keep_indices_nlc(x, rot_pos_embed, keep_indices).unsqueeze(1)
+        return x, rot_pos_embed
+
+
+def build_vision_tower(p: ModelPreset, num_classes: int) -> PEVisionTower:
+    """The timm PE vision tower of preset `p` (attention-pooled, projecting to `num_classes`).
+
+    Built through timm's model function for `p.timm_base` rather than
+    `timm.create_model`, which drops None-valued kwargs (and so would keep
+    timm's `ref_feat_shape`); then given the `PEVisionTower` class (same
+    module, one overridden method).
+    """
+    from timm.models import model_entrypoint
+
+    trunk = model_entrypoint(p.timm_base)(
+        pretrained=False, num_classes=num_classes, global_pool="map", **p.vision_overrides()
+    )
+    if type(trunk) is not Eva:
+        raise TypeError(f"{p.timm_base}: expected a timm Eva model, got {type(trunk).__name__}")
+    trunk.__class__ = PEVisionTower
+    return trunk
+
+
 def build_model(preset: str | ModelPreset) -> torch.nn.Module:
     """A PE-core CLIP (`open_clip.CustomTextCLIP`) with a timm PE vision tower.
 
     Built from the architecture alone: nothing is downloaded.
     """
     import open_clip
-    import timm
 
     p = get_model_preset(preset) if isinstance(preset, str) else preset
     model = open_clip.CustomTextCLIP(
@@ -141,9 +210,7 @@ def build_model(preset: str | ModelPreset) -> torch.nn.Module:
     )
     # open_clip builds the timm tower at the base model's size; rebuild it at
     # the preset's (same class, same head: the pooled output projects to E).
-    model.visual.trunk = timm.create_model(
-        p.timm_base, pretrained=False, num_classes=p.embed_dim, global_pool="map", **p.vision_overrides()
-    )
+    model.visual.trunk = build_vision_tower(p, p.embed_dim)
     model.visual.image_size = (p.image_size, p.image_size)
     model.peflow_preset = p.name  # type: ignore[assignment]
     return model
@@ -213,30 +280,89 @@ def official_to_open_clip(sd: Mapping[str, Any], model: torch.nn.Module) -> dict
     return out
 
 
+def _brief(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened: for one-line errors."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_fits(model: torch.nn.Module, sd: Mapping[str, Any], path: str | Path, preset: str) -> None:
+    """Raise a one-line ValueError unless `sd` has exactly the model's keys, as tensors of its shapes."""
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: does not fit preset {preset}: "
+            f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
+        )
+    bad = [k for k, v in want.items() if not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        got = list(sd[k].shape) if isinstance(sd[k], torch.Tensor) else type(sd[k]).__name__
+        raise ValueError(
+            f"{path}: shapes do not fit preset {preset}: {len(bad)} tensors differ, "
+            f"e.g. {k} is {got} in the file, {list(want[k].shape)} in the model"
+        )
+
+
+def _torch_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)`, any failure as a one-line ValueError naming `path`."""
+    import pickle
+    import warnings
+    import zipfile
+
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file (an official checkpoint is one .pt file)")
+    try:
+        with warnings.catch_warnings():  # garbage bytes read as an odd pickle protocol: say so below instead
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # on garbage, the weights-only unpickler fails with many exception types
+        err = e
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({_brief(e)})") from None
+    if not head:
+        raise ValueError(f"{path}: empty file, not a PyTorch checkpoint")
+    if zipfile.is_zipfile(path):  # a complete torch.save archive that did not load
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"{path}: holds Python objects other than tensors, which are not loaded "
+                             f"(weights_only); save only the state dict")
+        if isinstance(err, pickle.UnpicklingError):
+            raise ValueError(f"{path}: a PyTorch archive whose contents do not unpickle (corrupt)")
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_brief(err)})")
+    if head == b"PK\x03\x04":
+        raise ValueError(f"{path}: a PyTorch checkpoint cut short or corrupt (incomplete zip archive)")
+    raise ValueError(f"{path}: not a PyTorch checkpoint (corrupt, or another format)")
+
+
 def load_official_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     """Load a PE-Core `.pt` in the official key layout, strictly.
 
-    Raises ValueError naming the missing and unexpected keys when the file does
-    not fit the model (wrong preset, or not a PE-Core checkpoint).
+    Every problem with the file is a one-line ValueError naming it: missing or
+    unreadable, not a state dict, missing/unexpected keys (wrong preset, or not
+    a PE-Core checkpoint), or tensors of other shapes.
     """
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    preset = getattr(model, "peflow_preset", "?")
+    sd = _torch_load(path)
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: not a state dict (got {type(sd).__name__})")
     try:
         mapped = official_to_open_clip(sd, model)
     except Exception as e:  # timm's filter fails on foreign layouts
-        raise ValueError(f"{path}: not a PE-Core checkpoint in the official layout ({e})") from e
-    want = set(model.state_dict())
-    missing, unexpected = sorted(want - set(mapped)), sorted(set(mapped) - want)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: does not fit preset {getattr(model, 'peflow_preset', '?')}: "
-            f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
-        )
+        raise ValueError(f"{path}: not a PE-Core checkpoint in the official layout ({_brief(e)})") from None
+    _check_fits(model, mapped, path, preset)
     try:
         model.load_state_dict(mapped, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: shapes do not fit preset {getattr(model, 'peflow_preset', '?')}: {e}") from e
+    except RuntimeError as e:  # e.g. a dtype torch cannot copy from
+        raise ValueError(f"{path}: does not load into preset {preset} ({_brief(e)})") from None
 
 
 MODEL_FILE = "model.safetensors"
@@ -266,29 +392,68 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, *, extra: Mapping[st
     return out / MODEL_FILE
 
 
-def load_model(path: str | Path, *, preset: str | None = None) -> torch.nn.Module:
-    """Load a model from a peflow checkpoint folder (or its `model.safetensors`),
-    or from an official PE-Core `.pt` (then `preset` names the architecture)."""
+def _read_card(card: Path) -> dict[str, Any]:
     import json
 
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{card}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{card}: not a text file (expected the JSON model card)") from None
+    except OSError as e:
+        raise ValueError(f"{card}: cannot be read ({_brief(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{card}: not a JSON object (got {type(data).__name__})")
+    return data
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({_brief(e)})") from None
+    except OSError as e:
+        raise ValueError(f"{file}: cannot be read ({_brief(e)})") from None
+
+
+def load_model(path: str | Path, *, preset: str | None = None) -> torch.nn.Module:
+    """Load a model, in eval mode, from a peflow checkpoint folder (or its
+    `model.safetensors`), or from an official PE-Core `.pt` (then `preset`
+    names the architecture).
+
+    A file that is missing, unreadable, cut short, or does not fit the preset
+    raises a one-line ValueError that names it.
+    """
     path = Path(path)
     if path.suffix in (".pt", ".pth", ".bin"):
         if preset is None:
             raise ValueError(f"{path}: an official checkpoint needs --preset (e.g. pe-core-b16)")
         model = build_model(preset)
         load_official_checkpoint(model, path)
-        return model
+        return model.eval()
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
     folder = path if path.is_dir() else path.parent
-    if not (folder / MODEL_FILE).is_file():
+    weights = path if path.is_file() and path.suffix == ".safetensors" else folder / MODEL_FILE
+    if not weights.is_file():
         raise ValueError(f"{path}: no {MODEL_FILE} here (expected a peflow checkpoint folder)")
-    card = json.loads((folder / MODEL_CARD).read_text()) if (folder / MODEL_CARD).is_file() else {}
+    card_path = folder / MODEL_CARD
+    card = _read_card(card_path) if card_path.is_file() else {}
     name = preset or card.get("preset")
     if name is None:
         raise ValueError(f"{folder}: {MODEL_CARD} names no preset; pass --preset")
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
+        raise ValueError(f"{card_path if preset is None else folder}: unknown model preset {name!r}; "
+                         f"known: {sorted(MODEL_PRESETS)}")
+    sd = _read_safetensors(weights)
     model = build_model(name)
-    missing, unexpected = model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder}: does not fit preset {name}: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    return model
+    _check_fits(model, sd, weights, name)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights}: does not load into preset {name} ({_brief(e)})") from None
+    return model.eval()
