@@ -1,6 +1,9 @@
 """`peflow validate` end to end on real shards: clean corpus, bad corpus below
 the threshold (quarantine, clean copy keeps every good sample), bad corpus
-above it (exit 2, readable reason, nothing published)."""
+above it (exit 2, readable reason, nothing published); data in its own
+layouts (an img2dataset-style flat folder of handwritten digits without a
+card, the PE Video Dataset's train/ and test/ folders) validated into the
+canonical layout; a folder without shards refused, naming the layouts."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 
 from peflow import cli
 from peflow.stages.validate import rejected_dir
+from tests.unit.test_data_layouts import image_shard, make_img2dataset_folder, make_pvd_hub, write_tar
 from tests.validation_fixtures import make_bad_corpus, shard_samples
 
 @pytest.fixture(scope="module")
@@ -109,3 +113,101 @@ def test_bad_corpus_above_threshold_fails_readably(corpora, tracking, tmp_path, 
     report = json.loads((rejected_dir(out) / "report.json").read_text())
     assert not report["accepted"] and report["quarantined"] == len(expected)
     assert (rejected_dir(out) / "data_docs" / "index.html").is_file()
+
+
+def _members(path) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def _samples(paths) -> list[tuple[str, dict[str, bytes]]]:
+    """[(key, {ext: bytes})] of tar shards, in order."""
+    out: dict[str, dict[str, bytes]] = {}
+    for path in paths:
+        for name, data in _members(path):
+            key, _, ext = name.partition(".")
+            out.setdefault(key, {})[ext] = data
+    return list(out.items())
+
+
+def test_img2dataset_flat_folder_validates_into_the_canonical_layout(tracking, tmp_path):
+    from peflow.data import formats
+    from peflow.train.data import ShardIndex
+
+    data = make_img2dataset_folder(tmp_path / "digits", shards=2, per_shard=10)  # no card.json, no labels
+    (data / "LICENSE.txt").write_text("handwritten digits: scikit-learn's copy of the UCI data set\n")
+    extra = _members(image_shard(tmp_path / "extra.tar", 20, 2))  # samples 20 and 21, 3 members each
+    write_tar(data / "00002.tar", extra[:3] + [(n, b"  " if n.endswith(".txt") else d) for n, d in extra[3:]])
+    out = tmp_path / "val"
+    _validate("--data", str(data), "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    assert (report["total"], report["passed"], report["quarantined"]) == (22, 21, 1) and report["accepted"]
+    assert report["reasons"] == {"caption_missing": 1} and list(report["by_split"]) == ["image/train"]
+    [q] = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert (q["shard"], q["key"], q["reasons"]) == ("00002.tar", "000000021", ["caption_missing"])
+    # canonical output, re-sharded with the input's shard size (10); img2dataset's sidecars are not carried
+    assert formats.corpus_layout(out) == "canonical"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == [
+        "image/train/shard-000000.tar", "image/train/shard-000001.tar", "image/train/shard-000002.tar"]
+    assert not list(out.glob("0000*")) and (out / "LICENSE.txt").is_file()
+    card = json.loads((out / "card.json").read_text())
+    assert card["name"] == "digits" and card["splits"] == {"image": {"train": 21}} and "categories" not in card
+    kept = [s for s in _samples(sorted(data.glob("*.tar"))) if s[0] != "000000021"]
+    assert _samples(sorted((out / "image" / "train").glob("*.tar"))) == kept  # good samples, same bytes and order
+    index = ShardIndex.from_corpus(out, "train")
+    assert len(index) == 21 and index.get(20)[1].startswith("a handwritten digit ")
+
+
+def test_pvd_hub_layout_validates_into_video_splits(tracking, tmp_path):
+    from peflow.data import formats
+
+    data = make_pvd_hub(tmp_path / "pvd")
+    out = tmp_path / "val"
+    _validate("--data", str(data), "--out", str(out), "--suites", "video,captions")
+    report = json.loads((out / "report.json").read_text())
+    assert (report["total"], report["passed"]) == (7, 7) and report["accepted"]
+    assert sorted(report["by_split"]) == ["video/test", "video/train"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == [
+        "video/test/shard-000000.tar", "video/train/shard-000000.tar", "video/train/shard-000001.tar"]
+    assert (out / "README.md").is_file() and not (out / "train").exists() and not (out / "test").exists()
+    assert json.loads((out / "card.json").read_text())["splits"] == {"video": {"test": 2, "train": 5}}
+    videos = list(formats.iter_video(formats.shard_paths(out, "train", kind="video"), num_frames=2))
+    assert [v["video_id"] for v in videos] == ["vid_a0", "vid_a1", "vid_a2", "vid_b0", "vid_b1"]
+
+
+def test_folder_without_shards_is_refused_naming_the_layouts(tracking, tmp_path, capsys):
+    data = tmp_path / "nothing"
+    (data / "sub").mkdir(parents=True)
+    (data / "00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["validate", "--data", str(data), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    for part in (str(data), "splits.json", "image/<split>/*.tar", "<split>/*.tar (e.g. train/, test/)",
+                 "*.tar directly in the folder"):
+        assert part in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_folder_kind_without_suite_is_copied_unchanged(tracking, tmp_path):
+    from tests.unit.test_data_layouts import video_shard
+
+    data = tmp_path / "mixed"
+    image_shard(data / "img" / "digits-a.tar", 0, 6)
+    image_shard(data / "img" / "digits-b.tar", 6, 6)
+    clips = video_shard(data / "clips" / "c.tar", ["v0", "v1"])
+    (data / "splits.json").write_text(json.dumps({"train": ["img/digits-a.tar", "clips/*.tar"],
+                                                  "val": "img/digits-b.tar"}))
+    out = tmp_path / "val"
+    _validate("--data", str(data), "--out", str(out), "--suites", "image")
+    report = json.loads((out / "report.json").read_text())
+    assert (report["total"], report["passed"]) == (12, 12) and sorted(report["by_split"]) == ["image/train",
+                                                                                             "image/val"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == [
+        "image/train/shard-000000.tar", "image/val/shard-000000.tar", "video/train/shard-000000.tar"]
+    assert (out / "video" / "train" / "shard-000000.tar").read_bytes() == clips.read_bytes()  # not validated
+    assert not (out / "splits.json").exists() and not (out / "img").exists() and not (out / "clips").exists()
+    card = json.loads((out / "card.json").read_text())
+    assert card["splits"] == {"image": {"train": 6, "val": 6}} and card["shards"]["video"] == {"train": 1}

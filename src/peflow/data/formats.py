@@ -10,6 +10,41 @@ Pointing a stage at real data is a change of path: `shard_paths` accepts the
 built-in corpus root, a folder of tars, a glob, a brace pattern
 ("data/{000000..000099}.tar") or a list of shard URLs.
 
+Corpus layouts
+--------------
+`find_corpus(root)` ({kind: {split: [shard, ...]}}) and `find_shards(root,
+kind)` ({split: [shard, ...]}) are the one place a corpus folder's layout is
+resolved; every stage reads a folder through them. Only `*.tar` files are
+shards: anything else (img2dataset's `00000.parquet`, `00000_stats.json`, a
+README) is ignored. The first rule that applies wins:
+
+1. a manifest, `root/splits.json`: {split: pattern or [patterns]}, each
+   pattern a shard path or glob relative to `root` (`*`, `?`, `[...]`,
+   `**`, and braces `{000..009}`), e.g.
+   `{"train": ["part-0*.tar", "extra/*.tar"], "val": "part-1000.tar"}`.
+   Every pattern must match a tar; a shard may be in one split only.
+2. the canonical layout (what `peflow synth` and `peflow validate` write):
+   `root/image/<split>/*.tar` and `root/video/<split>/*.tar`; the folder
+   names the kind.
+3. split folders directly under the root, `root/<split>/*.tar` (the PE Video
+   Dataset's hub layout: `train/`, `test/`); the folder names the split.
+4. flat: `root/*.tar` (img2dataset writes `00000.tar`, `00001.tar`, ...).
+   A shard whose name has a split word as a `-`/`_`/`.`-separated token
+   (`train`, `val`, `validation`, `test`: `train-0000.tar`,
+   `laion-val-0003.tar`, `test_00.tar`) is in that split; when no shard name
+   has one, every shard is in split `train`. Names marking a split for some
+   shards but not for others are refused (rename them or write splits.json).
+
+Outside the canonical layout the kind of a shard is read from the extensions
+of its first members (IMAGE_EXTS: image, VIDEO_EXTS: video); a shard that
+tells nothing there (empty, cut off) takes the kind of the other shards of
+its split, or of the folder. Each split's shards are sorted by path.
+Split names are kept as found (`validation` stays `validation`).
+
+A folder with no shards raises `FileNotFoundError`, one that is ambiguous or
+has a bad manifest `LayoutError`; both name the folder and the layouts
+accepted.
+
 A sample that cannot be decoded raises `CorruptSampleError` naming its shard
 and key (`on_error="skip"` warns and goes on instead).
 """
@@ -21,6 +56,8 @@ import io
 import json
 import logging
 import os
+import re
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,20 +68,199 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
+KINDS = ("image", "video")
 Shards = str | os.PathLike | Sequence[str | os.PathLike]
+SPLITS_MANIFEST = "splits.json"
+#: split names recognised in flat shard names (as `-`/`_`/`.`-separated tokens)
+SPLIT_WORDS = ("train", "val", "validation", "test")
+#: how many members of a shard `shard_kind` looks at
+PEEK_MEMBERS = 64
+LAYOUTS = ("splits.json (split -> shard globs), image/<split>/*.tar or video/<split>/*.tar, "
+           "<split>/*.tar (e.g. train/, test/), or *.tar directly in the folder (split from names like "
+           "train-0000.tar / val-0000.tar, else all 'train')")
 
 
 class CorruptSampleError(ValueError):
     """A sample (or shard) that cannot be read; the message names the shard and key."""
 
 
+class LayoutError(ValueError):
+    """A corpus folder whose layout is ambiguous or whose splits.json is invalid."""
+
+
+def shard_kind(path: str | os.PathLike) -> str | None:
+    """'image' or 'video' from the extension of a local tar's first media member (the
+    webdataset extension: what follows the first dot of the member's base name), or None
+    when its first PEEK_MEMBERS members name no media or it cannot be read that far."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for i, member in enumerate(tar):
+                if i >= PEEK_MEMBERS:
+                    break
+                if not member.isfile():
+                    continue
+                ext = os.path.basename(member.name).partition(".")[2].lower()
+                if ext in IMAGE_EXTS:
+                    return "image"
+                if ext in VIDEO_EXTS:
+                    return "video"
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return None
+
+
+def split_words(name: str) -> list[str]:
+    """The SPLIT_WORDS a shard file name holds as `-`/`_`/`.`-separated tokens
+    ('laion-val-0003.tar' -> ['val']; '00000.tar' -> [])."""
+    tokens = set(re.split(r"[-_.]", name.lower().removesuffix(".tar")))
+    return [w for w in SPLIT_WORDS if w in tokens]
+
+
+def _tars(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.tar") if p.is_file() and not p.name.startswith("."))
+
+
+def _split_folders(root: Path) -> dict[str, list[Path]]:
+    return {d.name: t for d in sorted(root.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and (t := _tars(d))}
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _manifest(root: Path) -> dict[str, list[Path]]:
+    """root/splits.json -> {split: shards}, every pattern checked."""
+    import braceexpand
+
+    path = root / SPLITS_MANIFEST
+    form = '{"train": ["train-*.tar"], "val": "val-0000.tar"} (split -> shard path or glob, or a list of them)'
+    try:
+        spec = json.loads(path.read_text())
+    except ValueError as e:
+        raise LayoutError(f"{path}: not valid JSON ({e}); expected {form}") from None
+    if not isinstance(spec, dict) or not spec:
+        raise LayoutError(f"{path}: expected a non-empty object like {form}")
+    owner: dict[Path, str] = {}
+    out: dict[str, list[Path]] = {}
+    for split, patterns in spec.items():
+        if not _SPLIT_NAME.fullmatch(split):
+            raise LayoutError(f"{path}: split name {split!r} is not a plain name (letters, digits, '_', '.', '-')")
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(q, str) for q in patterns):
+            raise LayoutError(f"{path}: split {split!r}: expected a pattern or a list of patterns, got {patterns!r}")
+        found: set[Path] = set()
+        for pattern in patterns:
+            if os.path.isabs(pattern) or ".." in Path(pattern).parts:
+                raise LayoutError(f"{path}: split {split!r}: {pattern!r} must be relative to {root} and stay in it")
+            matched = {root / m for q in braceexpand.braceexpand(pattern)
+                       for m in glob.glob(q, root_dir=root, recursive=True)}
+            matched = {m for m in matched if m.suffix == ".tar" and m.is_file()}
+            if not matched:
+                raise LayoutError(f"{path}: split {split!r}: {pattern!r} matches no .tar file under {root}")
+            found |= matched
+        for shard in sorted(found):
+            if owner.setdefault(shard, split) != split:
+                raise LayoutError(f"{path}: {shard.relative_to(root)} is in split {owner[shard]!r} and in "
+                                  f"{split!r}; a shard belongs to one split")
+        out[split] = sorted(found)
+    return out
+
+
+def _flat(root: Path, tars: list[Path]) -> dict[str, list[Path]]:
+    """Shards directly in `root`: split from the names, else all 'train'."""
+    words = {p: split_words(p.name) for p in tars}
+    if two := [p.name for p, w in words.items() if len(w) > 1]:
+        raise LayoutError(f"{root}: shard names {two[:3]} name more than one split; rename them or list "
+                          f"the splits in {root / SPLITS_MANIFEST}")
+    marked = {p: w[0] for p, w in words.items() if w}
+    if not marked:
+        return {"train": tars}
+    if unmarked := [p.name for p in tars if p not in marked]:
+        example = next(iter(marked))
+        raise LayoutError(f"{root}: some shard names name a split ({example.name}: {marked[example]!r}) and "
+                          f"some do not ({', '.join(unmarked[:3])}{', ...' if len(unmarked) > 3 else ''}); "
+                          f"rename them or list the splits in {root / SPLITS_MANIFEST}")
+    out: dict[str, list[Path]] = {}
+    for p in tars:
+        out.setdefault(marked[p], []).append(p)
+    return out
+
+
+def _by_kind(splits: dict[str, list[Path]]) -> dict[str, dict[str, list[Path]]]:
+    """{split: shards} -> {kind: {split: shards}}, each shard's kind peeked (`shard_kind`)."""
+    peeked = {split: [shard_kind(p) for p in shards] for split, shards in splits.items()}
+    everywhere = {k for ks in peeked.values() for k in ks if k}
+    out: dict[str, dict[str, list[Path]]] = {}
+    for split in sorted(splits):
+        here = {k for k in peeked[split] if k}
+        fallback = here if len(here) == 1 else everywhere if len(everywhere) == 1 else set()
+        for shard, kind in zip(splits[split], peeked[split]):
+            kind = kind or next(iter(fallback), None)
+            if kind is None:
+                raise LayoutError(f"{shard}: cannot tell whether it holds images or videos: none of its first "
+                                  f"{PEEK_MEMBERS} members has an image {IMAGE_EXTS} or video {VIDEO_EXTS} "
+                                  f"extension (and its split mixes kinds or has none)")
+            out.setdefault(kind, {}).setdefault(split, []).append(shard)
+    return {k: out[k] for k in KINDS if k in out}
+
+
+def _resolve(root: Path) -> tuple[str, dict[str, dict[str, list[Path]]]]:
+    """(layout name, {kind: {split: shards}}) of a corpus folder (rules in the module docstring)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"no corpus folder at {root} (accepted layouts: {LAYOUTS})")
+    if (root / SPLITS_MANIFEST).is_file():
+        return "manifest", _by_kind(_manifest(root))
+    canonical = {k: s for k in KINDS if (root / k).is_dir() and (s := _split_folders(root / k))}
+    if canonical:
+        return "canonical", canonical
+    folders, flat = _split_folders(root), _tars(root)
+    if folders and flat:
+        raise LayoutError(f"{root}: shards both directly in it ({flat[0].name}, ...) and in folders "
+                          f"{', '.join(f'{n}/' for n in folders)}; move them into split folders or list the "
+                          f"splits in {root / SPLITS_MANIFEST}")
+    if folders:
+        return "split_folders", _by_kind(folders)
+    if flat:
+        return "flat", _by_kind(_flat(root, flat))
+    raise FileNotFoundError(f"no shards under {root} (accepted layouts: {LAYOUTS})")
+
+
+def corpus_layout(root: str | os.PathLike) -> str:
+    """Which rule `find_corpus` applies to `root`: 'manifest', 'canonical', 'split_folders' or 'flat'."""
+    return _resolve(Path(root))[0]
+
+
+def find_corpus(root: str | os.PathLike, kinds: Sequence[str] = KINDS) -> dict[str, dict[str, list[str]]]:
+    """{kind: {split: sorted shard paths}} of the `kinds` found in a corpus folder, in KINDS and
+    split-name order; paths are `root` joined with the shard's path inside it.
+
+    Raises FileNotFoundError when the folder holds no shard of `kinds`, LayoutError when its
+    layout is ambiguous (see the module docstring)."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kinds {bad}; choose from {KINDS}")
+    found = _resolve(Path(root))[1]
+    out = {k: {split: [str(p) for p in shards] for split, shards in found[k].items()} for k in kinds if k in found}
+    if not out:
+        held = "; ".join(f"{k}: {', '.join(s)}" for k, s in found.items())
+        raise FileNotFoundError(f"no {' or '.join(kinds)} shards under {root} (it holds {held or 'none'}; "
+                                f"accepted layouts: {LAYOUTS})")
+    return out
+
+
+def find_shards(root: str | os.PathLike, kind: str = "image") -> dict[str, list[str]]:
+    """{split: sorted shard paths} of one kind in a corpus folder (any layout in the module
+    docstring); FileNotFoundError when it has none of that kind."""
+    return find_corpus(root, (kind,))[kind]
+
+
 def shard_paths(root: Shards, split: str | None = None, *, kind: str = "image") -> list[str]:
     """The sorted tar shards of one split.
 
-    `root` may be a built-in corpus root (`root/<kind>/<split>/*.tar`), a folder
-    holding `<split>/*.tar` or, with `split=None`, `*.tar` directly; a single
-    tar; a glob; a brace pattern; a URL; or a list of any of these (kept in
-    the given order)."""
+    `root` may be a corpus folder in any layout `find_shards` resolves (with
+    `split`), a folder holding `*.tar` directly (with `split=None`: all of
+    them); a single tar; a glob; a brace pattern; a URL; or a list of any of
+    these (kept in the given order)."""
     if isinstance(root, Sequence) and not isinstance(root, str):
         return [p for r in root for p in shard_paths(r, split, kind=kind)]
     text = os.fspath(root)
@@ -62,12 +278,15 @@ def shard_paths(root: Shards, split: str | None = None, *, kind: str = "image") 
     path = Path(text)
     if path.is_file():
         return [text]
-    candidates = [path / kind / split, path / split] if split else [path]
-    for folder in candidates:
-        if folder.is_dir():
-            return sorted(str(p) for p in folder.glob("*.tar"))
-    raise FileNotFoundError(f"no shards for split {split!r} under {text!r} (looked in "
-                            f"{', '.join(str(c) for c in candidates)})")
+    if split is None:
+        if not path.is_dir():
+            raise FileNotFoundError(f"no shard or folder at {text!r}")
+        return [str(p) for p in _tars(path)]
+    splits = find_shards(path, kind)
+    if split not in splits:
+        raise FileNotFoundError(f"no {kind} split {split!r} under {text!r} (its {kind} splits: "
+                                f"{', '.join(splits)}; layout: {corpus_layout(path)})")
+    return splits[split]
 
 
 def _samples(shards: Shards, on_error: str) -> Iterator[dict[str, Any]]:

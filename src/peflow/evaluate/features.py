@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peflow.data.formats import iter_image_text, shard_paths
+from peflow.data.formats import find_shards, iter_image_text, shard_paths
 
 PE_MEAN = 0.5
 PE_STD = 0.5
@@ -41,16 +41,21 @@ class SplitFeatures:
 
 def eval_splits(root: str | Path, wanted: str | None = None) -> list[str]:
     """The image splits to classify: `wanted` (comma-separated), or by default
-    `test` plus every `shift_*` split found under `root/image/`."""
+    `test` plus every `shift_*` split of `root` (any layout `peflow.data.formats.find_shards`
+    resolves)."""
     if wanted:
         names = [s.strip() for s in wanted.split(",") if s.strip()]
         if not names:
             raise ValueError(f"no split names in {wanted!r}")
         return names
-    folder = Path(root) / "image"
-    if not (folder / "test").is_dir():
-        raise ValueError(f"{root}: no image/test split (is this a peflow corpus? see docs/corpus.md)")
-    return ["test"] + sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("shift_"))
+    try:
+        splits = find_shards(root, "image")
+    except FileNotFoundError as e:
+        raise ValueError(f"{root}: no image split 'test': {e}") from None
+    if "test" not in splits:
+        raise ValueError(f"{root}: no image split 'test' (its image splits: {', '.join(splits)}; "
+                         f"see docs/corpus.md and peflow.data.formats for the layouts read)")
+    return ["test"] + sorted(s for s in splits if s.startswith("shift_"))
 
 
 def preprocess(image: Any, size: int) -> torch.Tensor:

@@ -82,9 +82,12 @@ def _check(cfg: Config) -> list[str]:
     if Path(cfg.out).resolve() == data.resolve():
         raise ValueError(f"out must differ from data ({cfg.out!r})")
     kinds = sorted({SUITE_KIND[s] for s in names})
-    if not any(any((data / k).glob("*/*.tar")) for k in kinds):
-        raise ValueError(f"no shards under {cfg.data!r} for suites {names} "
-                         f"(expected {' or '.join(f'{k}/<split>/*.tar' for k in kinds)})")
+    from peflow.data.formats import find_corpus
+
+    try:
+        find_corpus(data, kinds)  # any layout peflow.data.formats resolves; the output is canonical
+    except FileNotFoundError as e:
+        raise ValueError(f"suites {names}: {e}") from None
     return names
 
 

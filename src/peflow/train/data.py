@@ -69,8 +69,10 @@ class ShardIndex:
 
     @classmethod
     def from_corpus(cls, root: str | Path, split: str = "train") -> ShardIndex:
-        """The index of one split of a corpus (any layout `peflow.data.formats.shard_paths` accepts)."""
-        return cls(shard_paths(root, split))
+        """The index of one split of a corpus: a folder in any layout `peflow.data.formats.find_shards`
+        resolves (canonical, split folders, a flat folder of shards, splits.json), or anything else
+        `peflow.data.formats.shard_paths` accepts."""
+        return cls(shard_paths(root, split, kind="image"))
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         f = self._files.get(shard)

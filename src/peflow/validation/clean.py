@@ -1,16 +1,20 @@
 """From per-row reasons to the stage's outputs: the quarantine list, the report
 and the clean copy of the corpus.
 
-The clean copy has the input's layout (`<kind>/<split>/shard-*.tar` and
-`card.json`) so downstream stages read it exactly like a corpus: every passed
-sample's entries are copied byte for byte, in input order, re-sharded with the
-input's shard size by the byte-deterministic shard writer (same input and
-options => same shard bytes).
+The clean copy has the canonical corpus layout (`<kind>/<split>/shard-*.tar`
+and `card.json`), whatever layout the input has (`peflow.data.formats`: a flat
+folder of shards, split folders, a splits.json manifest), so downstream stages
+read it exactly like a corpus: every passed sample's entries are copied byte
+for byte, in input order, re-sharded with the input's shard size (the card's
+`shard_size`, else the most samples an input shard of that kind holds) by the
+byte-deterministic shard writer (same input and options => same shard bytes).
+An input without card.json gets a card with its name, splits and shard counts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -23,7 +27,7 @@ from peflow.validation.suites import REASONS
 #: top-level files the stage writes itself (or drops: card.md would show stale counts); a validated
 #: corpus given as input has them too
 REWRITTEN = {"image", "video", "card.json", "card.md", "manifest.json", "metrics.json", "report.json",
-             "quarantine.jsonl", "data_docs"}
+             "quarantine.jsonl", "data_docs", "splits.json"}
 DEFAULT_SHARD_SIZE = {"image": 1000, "video": 100}
 
 
@@ -84,15 +88,23 @@ def write_quarantine(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def _input_shard_sizes(df: Any) -> dict[str, int]:
+    """kind -> the most samples one input shard of that kind holds."""
+    rows = df[df["key"].notna()]
+    return {kind: int(n) for kind, n in rows.groupby(["kind", "shard"]).size().groupby(level=0).max().items()}
+
+
 def write_clean_copy(src: Path, dst: Path, df: Any, reasons: Mapping[int, list[str]],
                      card: Mapping[str, Any] | None) -> dict[str, dict[str, int]]:
-    """Write the passed samples of `src` into `dst` in the same layout; returns passed counts per kind/split.
+    """Write the passed samples of `src` into `dst` in the canonical layout; returns passed counts per kind/split.
 
-    Kinds without rows in `df` (no selected suite covers them) are copied unchanged."""
+    Kinds without rows in `df` (no selected suite covers them) are copied unchanged (outside the
+    canonical layout: each split's shards, byte for byte, as `<kind>/<split>/shard-NNNNNN.tar`)."""
+    from peflow.data.formats import corpus_layout, find_corpus
     from peflow.data.synth.writers import ShardWriter
     from peflow.validation.shards import iter_raw
 
-    sizes = {**DEFAULT_SHARD_SIZE, **((card or {}).get("shard_size") or {})}
+    sizes = {**DEFAULT_SHARD_SIZE, **_input_shard_sizes(df), **((card or {}).get("shard_size") or {})}
     ok = df[~df.index.isin(list(reasons)) & (df["readable"] == True)]  # noqa: E712 (object column)
     keep = set(zip(ok["shard"], ok["position"].astype(int)))
     counts: dict[str, dict[str, int]] = {}
@@ -107,8 +119,20 @@ def write_clean_copy(src: Path, dst: Path, df: Any, reasons: Mapping[int, list[s
                         n += 1
         counts.setdefault(kind, {})[split] = n
         shards.setdefault(kind, {})[split] = len(writer.shards)
+    layout = corpus_layout(src)
+    found = find_corpus(src)
+    if layout != "canonical":
+        for kind in (k for k in found if k not in counts):
+            for split, paths in found[kind].items():
+                (dst / kind / split).mkdir(parents=True)
+                for i, path in enumerate(paths):
+                    shutil.copyfile(path, dst / kind / split / f"shard-{i:06d}.tar")
+                shards.setdefault(kind, {})[split] = len(paths)
     _write_card(src, dst, card, counts, shards)
-    _copy_other(src, dst, set(counts))
+    if layout == "canonical":
+        _copy_other(src, dst, set(counts))
+    else:
+        _copy_other(src, dst, set(KINDS), [Path(p) for splits in found.values() for ps in splits.values() for p in ps])
     return counts
 
 
@@ -122,10 +146,21 @@ def _write_card(src: Path, dst: Path, card: Mapping[str, Any] | None, counts: di
     (dst / "card.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_other(src: Path, dst: Path, validated: set[str]) -> None:
-    """Anything else in the corpus folder (not validated here) is carried over unchanged."""
+def _copy_other(src: Path, dst: Path, validated: set[str], shards: Iterable[Path] = ()) -> None:
+    """Anything else in the corpus folder (not validated here) is carried over unchanged.
+
+    `shards` (outside the canonical layout: every input shard) are not: the clean copy holds
+    their samples. Nor are folders holding them, nor per-shard sidecar files beside them
+    (img2dataset's `<shard>.parquet` and `<shard>_stats.json` describe the input shards)."""
+    shards = [Path(os.path.abspath(p)) for p in shards]
+    src_abs = Path(os.path.abspath(src))
+    holders = {src_abs / p.relative_to(src_abs).parts[0] for p in shards}
+    stems = {p.name.removesuffix(".tar") for p in shards if p.parent == src_abs}
     for p in sorted(src.iterdir()):
         if p.name in REWRITTEN - (set(KINDS) - validated) or p.name.startswith("."):
+            continue
+        if shards and (Path(os.path.abspath(p)) in holders or p.suffix == ".tar"
+                       or any(p.name.startswith((f"{s}.", f"{s}_")) for s in stems)):
             continue
         if p.is_dir():
             shutil.copytree(p, dst / p.name)

@@ -226,7 +226,8 @@ def shard_rows(job: tuple[Path, str, str, str, Sequence[str] | None]) -> list[di
 
 def extract(root: str | os.PathLike, label_sets: dict[str, Sequence[str] | None], *,
             kinds: Sequence[str] = KINDS, workers: int = 1) -> Any:
-    """The feature DataFrame of every sample of `kinds` under `root` (see the module docstring)."""
+    """The feature DataFrame of every sample of `kinds` under `root`, a corpus folder in any layout
+    `peflow.data.formats.find_corpus` resolves (see the module docstring for the columns)."""
     import pandas as pd
 
     root = Path(root)

@@ -1,5 +1,6 @@
-"""Reading shards for validation: every shard of a corpus, its raw samples
-through webdataset (the same grouping into samples the readers in
+"""Reading shards for validation: every shard of a corpus (in any layout
+`peflow.data.formats.find_corpus` resolves), its raw samples through
+webdataset (the same grouping into samples the readers in
 `peflow.data.formats` use), and a structural check that catches what
 webdataset's stream reader passes over quietly: a shard cut off mid-way.
 """
@@ -11,22 +12,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-KINDS = ("image", "video")
+from peflow.data.formats import KINDS
 
 
 def find_shards(root: Path, kinds: Sequence[str] = KINDS) -> list[tuple[str, str, str]]:
-    """(kind, split, shard path relative to root) of every shard, in kind/split/name order."""
-    from peflow.data.formats import shard_paths
+    """(kind, split, shard path relative to root) of every shard of `kinds`, in kind/split/name order.
 
-    found = []
-    for kind in kinds:
-        folder = root / kind
-        if not folder.is_dir():
-            continue
-        for split_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            for path in shard_paths(root, split_dir.name, kind=kind):
-                found.append((kind, split_dir.name, Path(path).relative_to(root).as_posix()))
-    return found
+    Any layout `peflow.data.formats.find_corpus` resolves (canonical, split folders, a flat folder
+    of shards, a splits.json manifest); FileNotFoundError when there is no shard of `kinds`."""
+    from peflow.data.formats import find_corpus
+
+    root = Path(root)
+    return [(kind, split, Path(path).relative_to(root).as_posix())
+            for kind, splits in find_corpus(root, kinds).items()
+            for split, paths in splits.items() for path in paths]
 
 
 def iter_raw(path: str, *, check: bool = True) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
