@@ -51,5 +51,5 @@ lock: ## regenerate requirements/lock.txt from requirements/requirements.in
 clean:
 	rm -rf .run data/corpus .pytest_cache
 
-dvc-yaml: setup ## regenerate dvc.yaml from the stage registry and params.yaml
-	$(BIN)/python -m peflow.pipeline params.yaml > dvc.yaml
+dvc-yaml: setup ## regenerate params.yaml and dvc.yaml from the nano preset and the stage registry
+	$(BIN)/python -m peflow.pipeline nano

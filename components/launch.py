@@ -9,7 +9,6 @@ without touching a cluster.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import socket
 import sys
@@ -33,12 +32,10 @@ def free_port() -> int:
 
 
 def build_app(stage: str, stage_args: list[str], **component_args: Any) -> specs.AppDef:
-    """The AppDef of `components/<stage>.py:<stage>`."""
-    try:
-        module = importlib.import_module(f"components.{stage}")
-    except ModuleNotFoundError:
-        raise ValueError(f"stage {stage!r} has no TorchX component (components/{stage}.py)") from None
-    return getattr(module, stage)(*stage_args, **component_args)
+    """The AppDef of a registered stage: the generic component (`components/stage.py:stage`)."""
+    from components.stage import stage_app
+
+    return stage_app(stage, stage_args, **component_args)
 
 
 def scheduler_cfg(scheduler: str, *, queue: str, namespace: str, log_dir: str | None) -> dict[str, Any]:
@@ -136,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(a.stage, stage_args, scheduler=a.scheduler, log_dir=a.log_dir, queue=a.queue,
                 namespace=a.namespace, **comp)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:  # a configuration the launch refuses: exit 2, as `peflow <stage>` does
+        print(f"peflow launch: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
         print(f"peflow launch: {e}", file=sys.stderr)
         return 1
     return 0

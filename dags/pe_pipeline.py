@@ -1,22 +1,29 @@
 """pe_pipeline: the Perception Encoder training pipeline, one task per stage.
 
-Wiring only: tasks come from peflow's stage registry; each task is one call
-into `peflow.orchestration` (distributed stages launch their TorchX component
-through the TorchX runner API). XCom carries run ids, paths and small metrics.
+Wiring only: tasks, their dependencies and Params come from peflow's stage
+registry and presets; each task is one call into `peflow.orchestration`
+(distributed stages launch the TorchX component through the TorchX runner
+API). `start_run` checks every stage's config before any stage runs. A
+configuration or input error fails its task at once (no retries);
+infrastructure errors keep their retries. Each stage task updates the Asset
+`x-peflow://stages/<task>` with its output path and key, so the Assets view
+shows the lineage. XCom carries run ids, paths and small metrics.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `components`
 
 from peflow import orchestration, stages  # noqa: E402  (light: no torch at parse time)
+from peflow.config import ConfigError, InputError  # noqa: E402
 
 DEFAULT_ARGS = {
     "retries": 2,
@@ -25,12 +32,32 @@ DEFAULT_ARGS = {
 }
 
 
+def fail_fast(fn):
+    """Configuration and input errors fail the task without retries (AirflowFailException)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, InputError) as e:
+            raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+
+    return wrapper
+
+
+def asset(t: orchestration.Task) -> Asset:
+    return Asset(name=f"peflow.{t.id}", uri=f"x-peflow://stages/{t.id}", group="peflow")
+
+
 def _torchx_launch(log_name: str):
     def launch_torchx(name: str, argv: list[str], cfg: orchestration.RunConfig) -> None:
         from components import launch
 
-        launch.run(name, argv, scheduler=cfg.scheduler, j=cfg.nodes,
-                   log_dir=str(Path(cfg.out) / "_torchx_logs" / log_name))
+        try:
+            launch.run(name, argv, scheduler=cfg.scheduler, j=cfg.launch_nodes(),
+                       log_dir=str(Path(cfg.out) / "_torchx_logs" / log_name))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     return launch_torchx
 
@@ -41,6 +68,7 @@ def _config() -> orchestration.RunConfig:
 
 
 @task(task_id="start_run", execution_timeout=timedelta(minutes=10))
+@fail_fast
 def start_run() -> str:
     ctx = get_current_context()
     tags = {"airflow.dag_id": ctx["dag"].dag_id, "airflow.run_id": ctx["dag_run"].run_id}
@@ -49,14 +77,21 @@ def start_run() -> str:
 
 def stage_task(t: orchestration.Task):
     stage = stages.get(t.stage)
+    out = asset(t)
 
-    @task(task_id=t.id, doc_md=stage.summary + (" (ablation: the other recipe)" if t.variant else ""))
+    @task(task_id=t.id, doc_md=stage.summary + (" (ablation: the other recipe)" if t.variant else ""),
+          outlets=[out])
+    @fail_fast
     def run(parent_run_id: str) -> dict:
+        ctx = get_current_context()
         cfg = _config()
-        if t.variant and not cfg.ablation:
-            raise AirflowSkipException("no ablation in this run (Param `ablation`)")
+        if not orchestration.active(cfg, t):
+            raise AirflowSkipException("not in this run (Param `ablation`, or an external data source)")
         launch = _torchx_launch(t.id) if stage.distributed else orchestration.launch_subprocess
-        return orchestration.run_stage(t.stage, cfg, parent_run_id=parent_run_id, launch=launch, variant=t.variant)
+        summary = orchestration.run_stage(t.stage, cfg, parent_run_id=parent_run_id, launch=launch,
+                                          variant=t.variant)
+        ctx["outlet_events"][out].extra = {k: summary[k] for k in ("out", "key", "ran", "reused")}
+        return summary
 
     return run
 
@@ -66,7 +101,7 @@ def end_run(parent_run_id: str, names: list[str]) -> dict:
     ctx = get_current_context()
     cfg = _config()
     summaries = {n: ctx["ti"].xcom_pull(task_ids=n) for n in names}
-    wanted = [t.id for t in orchestration.tasks() if cfg.ablation or not t.variant]
+    wanted = [t.id for t in orchestration.tasks() if orchestration.active(cfg, t)]
     failed = [n for n in wanted if not summaries[n]]
     orchestration.end_pipeline_run(cfg, parent_run_id, [s for s in summaries.values() if s], failed=bool(failed))
     if failed:
@@ -88,19 +123,15 @@ def end_run(parent_run_id: str, names: list[str]) -> dict:
 )
 def pe_pipeline():
     parent = start_run()
-    tasks = {t.id: stage_task(t)(parent) for t in orchestration.tasks()}
-    # Main stages in a chain; each ablation task after its main twin (one training at a time on a
-    # small machine) and after its own upstream variant.
-    prev = parent
-    for s in stages.STAGES:
-        prev >> tasks[s.name]
-        prev = tasks[s.name]
-    for t in orchestration.tasks():
-        if t.variant:
-            tasks[t.stage] >> tasks[t.id]
-            for up in stages.get(t.stage).needs:
-                tasks.get(orchestration.Task(up, t.variant).id, tasks[up]) >> tasks[t.id]
-    end_run(parent, list(tasks)) << list(tasks.values())
+    all_tasks = orchestration.tasks()
+    ops = {t.id: stage_task(t)(parent) for t in all_tasks}
+    # The stages' dependency graph: each task after the tasks whose outputs it reads.
+    for t in all_tasks:
+        for up in t.upstream:
+            ops[up.id] >> ops[t.id]
+        if t.variant and stages.get(t.stage).distributed:
+            ops[t.stage] >> ops[t.id]  # one training at a time on a small machine
+    end_run(parent, list(ops)) << list(ops.values())
 
 
 pe_pipeline()

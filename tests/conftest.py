@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session fixtures publish into a store of their own, never the checkout's `.run/store`."""
+    saved = os.environ.get("PEFLOW_STORE")
+    os.environ["PEFLOW_STORE"] = str(tmp_path_factory.mktemp("session-store"))
+    yield
+    if saved is None:
+        os.environ.pop("PEFLOW_STORE", None)
+    else:
+        os.environ["PEFLOW_STORE"] = saved
+
+
+@pytest.fixture(autouse=True)
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets an empty output store (peflow.store), so no test reuses another's outputs."""
+    path = tmp_path / "store"
+    monkeypatch.setenv("PEFLOW_STORE", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -12,7 +34,17 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in corpus at preset `test` (32 px; 120 train / 24 val / 24 test images, 24 per
     shift split, 20/8/8 videos of 16 frames; two train shards), generated once per session
     in about a second. Treat it as read-only."""
+    from peflow import runner
     from peflow.stages import synth
 
     out = tmp_path_factory.mktemp("corpus") / "synth"
-    return synth.run(synth.Config(out=str(out), preset="test", seed=0, workers=1))
+    runner.execute("synth", synth.Config(out=str(out), corpus="test", seed=0, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An isolated, migrated Airflow home (SQLite) for code run with `tests.dags.airflow_home.run_py`."""
+    from tests.dags.airflow_home import make_airflow_env
+
+    return make_airflow_env(tmp_path_factory.mktemp("airflow"))

@@ -12,56 +12,101 @@ from typing import Any, Optional
 
 import typer
 
-from peflow import stages
-from peflow.config import base_type, field_help, resolved_fields
+from peflow import config, presets, stages
+from peflow.config import base_type, field_choices, field_help, resolved_fields
 
-app = typer.Typer(
-    name="peflow",
-    help="Train, align and evaluate Perception Encoder (PE) vision encoders.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+DEFAULT_PRESET = "nano"
 
 
-def _config_command(cls: type, call: Any, doc: str) -> Any:
-    """A typer callback whose options are the fields of the config dataclass `cls`."""
+def _option(name: str, typ: type, default: Any, help: str, *, optional: bool) -> inspect.Parameter:
+    flag = "--" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{name.replace('_', '-')}"] if typ is bool else [flag]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=typ | None if optional else typ,
+                             default=typer.Option(default, *decls, help=help, show_default=default is not None))
+
+
+def _fail(prog: str, e: Exception) -> None:
+    typer.secho(f"{prog}: {e}", fg="red", err=True)
+    raise typer.Exit(2) from None
+
+
+def _field_options(cls: type, shown: Any) -> list[inspect.Parameter]:
+    """One option per config field, default None (= the preset's value, shown in the help)."""
     params = []
     for f, tp in resolved_fields(cls):
         typ = base_type(tp)
         if typ not in (int, float, str, bool):
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported CLI type {tp}")
+        value = getattr(shown, f.name)
+        extra = [f"{DEFAULT_PRESET}: {value!r}"] if value not in (None, "") else []
+        choices = field_choices(f)
+        if choices is not None:
+            extra.append("one of " + ", ".join(choices))
+        help = field_help(f) + (f" ({'; '.join(extra)})" if extra else "")
+        params.append(_option(f.name, typ, None, help, optional=True))
+    return params
+
+
+def _stage_command(stage: stages.Stage) -> Any:
+    """`peflow <stage>`: the preset's config of the stage, the options over it, through the stage runner."""
+    cls = stage.config_cls
+    common = [
+        _option("preset", str, DEFAULT_PRESET, f"pipeline preset the unset options come from: {', '.join(presets.names())}",
+                optional=False),
+        _option("force", bool, False, "run even when an output with this key exists (here or in the store)",
+                optional=False),
+        _option("experiment", str, None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else 'peflow')",
+                optional=True),
+        _option("tracking_uri", str, None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite "
+                "beside OUT)", optional=True),
+    ]
+    names = {f.name for f in dataclasses.fields(cls)}
+    clash = names & {p.name for p in common}
+    assert not clash, f"{cls.__name__} fields {clash} clash with the common stage options"
+
+    def command(**kwargs: Any) -> None:
+        from peflow import io, runner
+
+        preset, force = kwargs.pop("preset"), kwargs.pop("force")
+        env = {"MLFLOW_EXPERIMENT_NAME": kwargs.pop("experiment"), "MLFLOW_TRACKING_URI": kwargs.pop("tracking_uri")}
+        try:
+            base = presets.get(preset).config(stage.name)
+            cfg = config.replace(base, {k: v for k, v in kwargs.items() if v is not None}, where=stage.name)
+            with io.environ(env):
+                runner.execute(stage, cfg, force=force)
+        except ValueError as e:  # ConfigError, InputError and the stages' own value errors
+            _fail(f"peflow {stage.name}", e)
+
+    shown = presets.get(DEFAULT_PRESET).config(stage.name)
+    command.__signature__ = inspect.Signature([*common, *_field_options(cls, shown)])  # type: ignore[attr-defined]
+    command.__doc__ = (stage.load().__doc__ or stage.summary).strip()
+    return command
+
+
+def _config_command(cls: type, call: Any, doc: str) -> Any:
+    """A typer callback whose options are the fields of the dataclass `cls` (with its defaults)."""
+    params = []
+    for f, tp in resolved_fields(cls):
+        typ = base_type(tp)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = ... if required else f.default
-        flag = "--" + f.name.replace("_", "-")
-        decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if typ is bool else [flag]
-        params.append(
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(default, *decls, help=field_help(f), show_default=not required),
-                annotation=typ if required or f.default is not None else typ | None,
-            )
-        )
+        choices = field_choices(f)
+        help = field_help(f) + (f" (one of {', '.join(choices)})" if choices else "")
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ if required or f.default is not None else typ | None,
+            default=typer.Option(... if required else f.default,
+                                 *([f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"] if typ is bool
+                                   else [f"--{f.name.replace('_', '-')}"]),
+                                 help=help, show_default=not required)))
 
     def command(**kwargs: Any) -> None:
         try:
             call(cls(**kwargs))
         except ValueError as e:
-            typer.secho(f"peflow: {e}", fg="red", err=True)
-            raise typer.Exit(2) from None
+            _fail("peflow", e)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc.strip()
     return command
-
-
-def _stage_command(stage: stages.Stage) -> Any:
-    return _config_command(stage.config_cls, lambda cfg: stage.run(cfg), stage.load().__doc__ or stage.summary)
-
-
-for _stage in stages.STAGES:
-    app.command(name=_stage.name, help=_stage.summary)(_stage_command(_stage))
 
 
 def _run_pipeline(cfg: Any) -> None:
@@ -79,31 +124,15 @@ def _run_pipeline(cfg: Any) -> None:
     for s in summaries:
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in s["metrics"].items()
                             if isinstance(v, (int, float)) and not is_detail(k))
-        table.add_row(s.get("task", s["stage"]), "yes" if s["ran"] else "reused", f"{s['seconds']:.1f}", metrics)
+        table.add_row(s["task"], "yes" if s["ran"] else f"reused ({s['reused']})", f"{s['seconds']:.1f}", metrics)
     console.print(table)
     if (Path(cfg.out) / "report.html").is_file():
         console.print(f"report: {Path(cfg.out) / 'report.html'}")
 
 
-def _register_run() -> None:
-    from peflow.orchestration import RunConfig
-
-    app.command(
-        name="run",
-        help="Run the whole pipeline (or --stage X) through the same task functions the DAG uses.",
-    )(_config_command(RunConfig, _run_pipeline, "Run the pipeline: every stage's folder at OUT/<stage>/."))
-
-
-_register_run()
-
 REPO = Path(__file__).resolve().parents[2]
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    help="Run a distributed stage through its TorchX component: "
-    "`peflow launch pretrain -j 2x1 -- --preset nano --data D --out O`.",
-)
 def launch(
     ctx: typer.Context,
     stage: str = typer.Argument(..., help="a registered distributed stage, e.g. pretrain"),
@@ -137,11 +166,6 @@ def launch(
     raise typer.Exit(rc)
 
 
-@app.command(
-    name="compare",
-    help="Compare pipeline runs from MLflow: key metrics as a table (best marked) and a bar plot: "
-    "`peflow compare --last 5`, `peflow compare --runs ID --runs ID --metrics 'evaluate/probe/*/best'`.",
-)
 def compare_runs(
     experiment: str = typer.Option("peflow", help="MLflow experiment whose newest pipeline runs are compared"),
     runs: Optional[list[str]] = typer.Option(None, "--runs", help="run ids instead (pipeline or stage runs; "
@@ -167,9 +191,30 @@ def compare_runs(
     compare.report(cmp, plot_path=plot if plot is not None or as_json else "compare.png", as_json=as_json)
 
 
+def build_app() -> typer.Typer:
+    """The `peflow` command over the stages registered now: one subcommand per stage, then run,
+    launch and compare."""
+    from peflow.orchestration import RunConfig
+
+    app = typer.Typer(name="peflow", help="Train, align and evaluate Perception Encoder (PE) vision encoders.",
+                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    for stage in stages.all_stages():
+        app.command(name=stage.name, help=stage.summary)(_stage_command(stage))
+    app.command(name="run", help="Run the whole pipeline (or --stage X) through the same task functions the DAG "
+                "uses.")(_config_command(RunConfig, _run_pipeline, "Run the pipeline: every stage's folder at "
+                                                                   "OUT/<stage>/."))
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                help="Run a distributed stage through the TorchX component: "
+                "`peflow launch pretrain -j 2x1 -- --preset nano --data D --out O`.")(launch)
+    app.command(name="compare", help="Compare pipeline runs from MLflow: key metrics as a table (best marked) and a "
+                "bar plot: `peflow compare --last 5`, `peflow compare --runs ID --runs ID --metrics "
+                "'evaluate/probe/*/best'`.")(compare_runs)
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `argv` lets tests and launchers call it in-process."""
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="peflow")
+    build_app()(args=argv if argv is not None else sys.argv[1:], prog_name="peflow")
 
 
 if __name__ == "__main__":

@@ -21,19 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: Shown by default when at least one run has them (globs allowed).
-DEFAULT_METRICS = (
-    "evaluate/zeroshot/test/top1",
-    "evaluate/zeroshot/test/top1_atypical_colour",
-    "evaluate/zeroshot_colour/test/top1",
-    "evaluate/zeroshot/robustness_avg",
-    "evaluate/retrieval/i2t/R1",
-    "evaluate/retrieval/t2i/R1",
-    "evaluate/probe/*/best*",
-    "evaluate/probe/*/last",
-    "pretrain/train/final_loss",
-    "pretrain/train/samples_per_s",
-)
+def key_metrics() -> list[str]:
+    """The metrics shown by default (globs allowed), stage-prefixed: every registered stage's
+    `key_metrics` (peflow.stages), the last stages (evaluation) first."""
+    from peflow import stages
+
+    return [stages.stage_key(s.name, m) for s in reversed(stages.all_stages()) for m in s.key_metrics]
+
+
 LOWER_IS_BETTER = ("*loss*", "time/*", "*/seconds")
 UNRANKED = ("*best_layer", "*/steps", "*chance*", "*majority*")
 BEST_MARK = "*"
@@ -146,7 +141,7 @@ def named_runs(client: Any, run_ids: Sequence[str], experiment: str) -> list[Any
 def _stage_metrics(run: Any) -> dict[str, float]:
     """A stage run's metrics under the names the pipeline run gives them (`evaluate/...`,
     `ablation/evaluate/...` for a stage run of the ablation variant, found by its output folder)."""
-    from peflow.orchestration import ABLATION, metric_key
+    from peflow.stages import ABLATION, metric_key
 
     stage = run.data.tags["peflow.stage"]
     variant = ABLATION if Path(run.data.params.get("out", "")).parent.name == ABLATION else None
@@ -157,7 +152,8 @@ def rows(client: Any, run: Any) -> list[Row]:
     """A run as table rows: a stage run's metrics prefixed by its stage; a pipeline run's metrics
     (those missing, e.g. while it runs, filled in from its stage runs), and a second row for its
     ablation variant when it has one."""
-    from peflow.orchestration import ABLATION, other_recipe
+    from peflow.stages import ABLATION
+    from peflow.train.recipe import other_recipe
 
     tags, params = run.data.tags, run.data.params
     is_stage = bool(tags.get("peflow.stage"))
@@ -213,7 +209,7 @@ def best_runs(rows: Sequence[Row], columns: Sequence[str]) -> dict[str, list[str
 def compare(*, tracking_uri: str | None = None, experiment: str = "peflow", run_ids: Sequence[str] = (),
             metrics: Sequence[str] = (), last: int = 10) -> Comparison:
     """Collect the runs (`run_ids`, else the newest `last` pipeline runs of `experiment`) and their
-    metric columns (`metrics`, else DEFAULT_METRICS). Raises ValueError for unknown experiments, runs
+    metric columns (`metrics`, else `key_metrics()`). Raises ValueError for unknown experiments, runs
     or metrics."""
     from mlflow.exceptions import MlflowException
 
@@ -223,7 +219,7 @@ def compare(*, tracking_uri: str | None = None, experiment: str = "peflow", run_
         table_rows = [r for run in runs for r in rows(client, run)]
     except MlflowException as e:
         raise ValueError(f"MLflow at {uri}: {e.message}") from None
-    columns, unmatched = select_columns(table_rows, metrics or DEFAULT_METRICS)
+    columns, unmatched = select_columns(table_rows, metrics or key_metrics())
     if metrics and not columns:
         raise ValueError(f"no run has a metric matching {', '.join(metrics)}")
     return Comparison(tracking_uri=uri, experiment=None if run_ids else experiment, rows=table_rows,

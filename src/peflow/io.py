@@ -127,14 +127,16 @@ def write_manifest(
     *,
     stage: str,
     config: Mapping[str, Any],
+    key: str | None = None,
     inputs: Mapping[str, str] | None = None,
     counts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `manifest.json`: config, input hashes, counts and output hashes."""
+    """Write `manifest.json`: stage, output key, config, input hashes, counts and output hashes."""
     out_dir = Path(out_dir)
     outputs = tree_hashes(out_dir)
     manifest = {
         "stage": stage,
+        "key": key,
         "config": _location_free(config),
         "inputs": dict(inputs or {}),
         "counts": dict(counts or {}),
@@ -143,16 +145,6 @@ def write_manifest(
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
-
-
-def up_to_date(out_dir: str | Path, *, config: Mapping[str, Any], inputs: Mapping[str, str]) -> bool:
-    """True when `out_dir` holds a complete output made from this config and these inputs."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        return False
-    m = read_json(path)
-    same = m.get("config") == json.loads(json.dumps(_location_free(config), default=str))
-    return same and m.get("inputs") == dict(inputs)
 
 
 def dataset_digest(path: str | Path) -> str:

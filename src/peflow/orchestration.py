@@ -1,10 +1,17 @@
 """Pipeline runs: the task functions the Airflow DAG calls and `peflow run` uses.
 
-One code path for both: the run config below is the DAG's Params form and
-`peflow run`'s options; `stage_argv` turns it into the same `peflow <stage>`
-options a user types; distributed stages go through their TorchX component
-(`launch` callback: the DAG passes the TorchX runner, `peflow run` a child
-`peflow launch`). No Airflow or TorchX import here.
+One code path for both. A run's config (`RunConfig`: the DAG's Params form,
+`peflow run`'s options) names a pipeline preset and the few overrides users
+change most; `resolve` turns it into every task's stage config, wired to the
+run's folders, and checks them all before the first stage starts. In-process
+stages run through the stage runner here; distributed ones through their
+TorchX component (`launch` callback: the DAG passes the TorchX runner,
+`peflow run` a child `peflow launch`). No Airflow or TorchX import here.
+
+Which stages run: every selected stage runs (`stage: evaluate` reruns
+evaluate); the others are reused, from the run's own folder or from the
+output store of any earlier run with the same key (peflow.store). With
+`stage: all` every stage is reused when its key is in the store.
 """
 
 from __future__ import annotations
@@ -15,20 +22,21 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from peflow import io, stages, tracking
-from peflow.config import opt, req
+from peflow import config, io, presets, runner, stages, tracking
+from peflow.config import ConfigError, opt, req
 from peflow.train.recipe import RECIPES as recipe_presets  # stdlib only: no torch at DAG parse time
+from peflow.train.recipe import other_recipe
 
-# Run-config fields handed to every stage whose Config has a field of that name.
-SHARED = ("preset", "seed", "recipe", "experiment", "max_failure_rate")
 BUILTIN = "builtin"
-#: The variant of an ablation run: the other recipe at the same budget, under OUT/ablation/.
-ABLATION = "ablation"
+ABLATION = stages.ABLATION
 RECIPES = tuple(recipe_presets)  # ("pe", "vanilla"): the pretraining recipes an ablation compares
+SCHEDULERS = ("local_cwd", "kubernetes")
+#: Run-config fields that set the field of that name in every stage config that has one.
+SHORTCUTS = ("recipe", "seed", "steps", "max_failure_rate")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -36,50 +44,53 @@ class RunConfig:
     """One pipeline run (the DAG's Params; `peflow run`'s options)."""
 
     out: str = req("pipeline root: each stage writes OUT/<stage>/")
-    preset: str = opt("nano", "preset for every stage: corpus size and model size (test, nano, ...)")
-    data_source: str = opt(BUILTIN, "'builtin' generates the corpus (synth); or a path/URI of a corpus "
-                                    "in the same layout (WebDataset image-text shards, PVD video shards)")
-    scheduler: str = opt("local_cwd", "TorchX scheduler for distributed stages: local_cwd or kubernetes")
-    nodes: str = opt("2x1", "nodes x processes per node for distributed stages (TorchX -j)")
-    stage: str = opt("all", "stages to run: 'all', or a comma-separated list (the others' outputs are reused)")
-    recipe: str = opt("pe", "pretraining recipe: vanilla (CLIP) or pe (the PE-core recipe)")
-    seed: int = opt(0, "seed for data generation and training")
+    preset: str = opt("nano", "pipeline preset: every stage's config (corpus, model, budget)", choices=presets.names)
+    data_source: str = opt(BUILTIN, "'builtin' generates the corpus (synth); or a path of a corpus in a layout "
+                                    "validate reads (peflow layout, img2dataset/LAION-style shards, PVD)")
+    stage: str = opt("all", "stages to run: 'all', or a comma-separated list (the others are reused from this "
+                            "or any earlier run with the same configuration)")
+    scheduler: str = opt("local_cwd", "TorchX scheduler for distributed stages", choices=SCHEDULERS)
+    nodes: str = opt("", "nodes x processes per node for distributed stages (TorchX -j; empty: the preset's)")
+    recipe: str | None = opt(None, "pretraining recipe (empty: the preset's)", choices=RECIPES)
+    seed: int | None = opt(None, "seed of every stage that takes one (empty: the preset's)")
+    steps: int | None = opt(None, "training steps (empty: the preset's)", min=1)
+    max_failure_rate: float | None = opt(None, "validation fails above this fraction of bad samples "
+                                               "(empty: the preset's)", min=0.0)
+    overrides: str = opt("", "more stage fields: 'stage.field=value,...', e.g. 'pretrain.lr=0.002,evaluate.probes=false'")
     experiment: str = opt("peflow", "MLflow experiment name")
-    max_failure_rate: float = opt(0.05, "validation fails the run above this fraction of bad samples")
     ablation: bool = opt(False, "also train and evaluate the other recipe (vanilla <-> pe) at the same budget, "
                                 "under OUT/ablation/; the report puts the two side by side")
 
     def __post_init__(self) -> None:
-        if self.scheduler not in ("local_cwd", "kubernetes"):
-            raise ValueError(f"scheduler must be local_cwd or kubernetes, got {self.scheduler!r}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        for name in ("preset", "scheduler", "recipe"):
+            value, choices = getattr(self, name), config.field_choices(_field(name))
+            if value is not None and value not in choices:
+                raise ConfigError(f"{name}: {value!r} is not one of {choices}")
         for name in self.selected():
             stages.get(name)
 
     def selected(self) -> list[str]:
-        """The stages this run executes (all when `stage` is empty)."""
+        """The stages this run executes (every stage for 'all')."""
         names = [s.strip() for s in self.stage.split(",") if s.strip() not in ("", "all")]
-        if not names:
-            names = [s.name for s in stages.STAGES]
-        if self.data_source != BUILTIN:
-            names = [n for n in names if n != "synth"]
-        return names
+        known = stages.names()
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ConfigError(f"stage: unknown stage(s) {bad}; known: {known}")
+        return names or known
+
+    def forced(self, name: str) -> bool:
+        """Whether stage `name` was named in `stage` (it reruns even when its output could be reused)."""
+        return name in [s.strip() for s in self.stage.split(",")]
+
+    def pipeline(self) -> presets.Pipeline:
+        return presets.get(self.preset)
+
+    def launch_nodes(self) -> str:
+        return self.nodes or self.pipeline().nodes
 
 
-def other_recipe(recipe: str) -> str:
-    """The recipe an ablation compares against: vanilla for pe, pe for vanilla."""
-    return "vanilla" if recipe == "pe" else "pe"
-
-
-def ablation_stages() -> tuple[str, ...]:
-    """Stages an ablation runs a second time: those taking a recipe, and every stage downstream of one."""
-    names: list[str] = []
-    for s in stages.STAGES:
-        takes_recipe = any(f.name == "recipe" for f in dataclasses.fields(s.config_cls))
-        if takes_recipe or any(up in names for up in s.needs):
-            names.append(s.name)
-    return tuple(names)
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(RunConfig) if f.name == name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +105,26 @@ class Task:
         """Task id in the DAG, and the key of its metrics in the pipeline run: `pretrain`, `pretrain_ablation`."""
         return self.stage if self.variant is None else f"{self.stage}_{self.variant}"
 
+    @property
+    def upstream(self) -> list[Task]:
+        """The tasks whose outputs this one reads (an ablation task reads its upstream's variant if any)."""
+        varied = stages.ablation_stages() if self.variant else []
+        return [Task(up, self.variant if up in varied else None) for up in stages.get(self.stage).needs]
+
 
 def tasks() -> list[Task]:
     """Every task a pipeline run may execute, in a valid order: the stages, then their ablation variants."""
-    return [Task(s.name) for s in stages.STAGES] + [Task(n, ABLATION) for n in ablation_stages()]
+    return [Task(s.name) for s in stages.all_stages()] + [Task(n, ABLATION) for n in stages.ablation_stages()]
+
+
+def active(cfg: RunConfig, t: Task) -> bool:
+    """Whether the run has task `t`: ablation variants only in an ablation."""
+    return cfg.ablation or t.variant is None
+
+
+def external(cfg: RunConfig, t: Task) -> bool:
+    """Whether task `t` is the corpus and the run reads it from its data source instead of making it."""
+    return t.stage == "synth" and cfg.data_source != BUILTIN
 
 
 def stage_dir(cfg: RunConfig, name: str, variant: str | None = None) -> Path:
@@ -110,44 +137,73 @@ def stage_dir(cfg: RunConfig, name: str, variant: str | None = None) -> Path:
     return Path(cfg.out) / name
 
 
-def stage_argv(name: str, cfg: RunConfig, variant: str | None = None) -> list[str]:
-    """`peflow <name>` options for this run: inputs, output, shared settings.
+def parse_overrides(spec: str) -> dict[str, dict[str, str]]:
+    """'pretrain.lr=0.002,evaluate.probes=false' -> {"pretrain": {"lr": "0.002"}, "evaluate": {...}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, eq, value = item.partition("=")
+        stage, dot, field = name.strip().rpartition(".")
+        if not eq or not dot:
+            raise ConfigError(f"overrides: {item!r} is not 'stage.field=value'")
+        if stage not in stages.names():
+            raise ConfigError(f"overrides: unknown stage {stage!r}; known: {stages.names()}")
+        out.setdefault(stage, {})[field.strip()] = value.strip()
+    return out
 
-    The ablation variant trains the other recipe and reads its upstream
-    stages' ablation outputs where those exist (pretrain -> evaluate).
-    """
-    stage = stages.get(name)
-    fields = {f.name for f in dataclasses.fields(stage.config_cls)}
-    varied = ablation_stages() if variant is not None else ()
-    argv = ["--out", str(stage_dir(cfg, name, variant))]
-    for option, upstream in stage.inputs:
-        up_variant = variant if upstream in varied else None
-        argv += [f"--{option.replace('_', '-')}", str(stage_dir(cfg, upstream, up_variant))]
-    for key in SHARED:
-        if key in fields:
-            value = getattr(cfg, key)
-            if key == "recipe" and variant == ABLATION:
-                value = other_recipe(value)
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+
+def task_config(cfg: RunConfig, t: Task, pipeline: presets.Pipeline | None = None) -> Any:
+    """The stage config of task `t` in this run: the preset's, the shortcuts and overrides over it,
+    wired to the run's folders. Raises ConfigError naming a bad field."""
+    stage = stages.get(t.stage)
+    pipeline = pipeline or cfg.pipeline()
+    base = pipeline.config(t.stage)
+    fields = {f.name for f in dataclasses.fields(base)}
+    changes: dict[str, Any] = {k: getattr(cfg, k) for k in SHORTCUTS if k in fields and getattr(cfg, k) is not None}
+    changes.update(parse_overrides(cfg.overrides).get(t.stage, {}))
+    if t.variant == ABLATION and "recipe" in fields:
+        changes["recipe"] = other_recipe(changes.get("recipe", base.recipe))
+    changes["out"] = str(stage_dir(cfg, t.stage, t.variant))
+    for (field, _), up in zip(stage.inputs, t.upstream, strict=True):
+        changes[field] = str(stage_dir(cfg, up.stage, up.variant))
+    stage_cfg = config.replace(base, changes, where=t.id)
+    runner.check(stage, stage_cfg)
+    return stage_cfg
+
+
+def resolve(cfg: RunConfig) -> dict[str, Any]:
+    """Every active task's stage config (task id -> config), all checked: the first bad field raises
+    ConfigError before any stage runs."""
+    pipeline = cfg.pipeline()
+    cfg.selected()
+    if cfg.ablation and not stages.ablation_stages():
+        raise ConfigError("ablation: no registered stage takes a recipe")
+    return {t.id: task_config(cfg, t, pipeline) for t in tasks() if active(cfg, t) and not external(cfg, t)}
+
+
+def config_argv(stage_cfg: Any) -> list[str]:
+    """A stage config as `peflow <stage>` options (every field that has a value)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(stage_cfg):
+        value = getattr(stage_cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
     return argv
-
-
-def run_in_process(name: str, argv: list[str]) -> None:
-    """Run a stage in this process through the same CLI a user types."""
-    from peflow import cli
-
-    try:
-        cli.main([name, *argv])
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise RuntimeError(f"peflow {name} exited with {e.code}") from None
 
 
 def launch_subprocess(name: str, argv: list[str], cfg: RunConfig) -> None:
     """Run a distributed stage through `peflow launch` (TorchX) as a child process."""
-    cmd = [sys.executable, "-m", "peflow.cli", "launch", name, "-j", cfg.nodes, "--scheduler", cfg.scheduler,
-           "--", *argv]
+    cmd = [sys.executable, "-m", "peflow.cli", "launch", name, "-j", cfg.launch_nodes(), "--scheduler",
+           cfg.scheduler, "--", *argv]
     rc = subprocess.call(cmd)
+    if rc == 2:
+        raise ConfigError(f"peflow launch {name} refused its configuration (exit 2; the log says why)")
     if rc != 0:
         raise RuntimeError(f"peflow launch {name} exited with {rc}")
 
@@ -157,37 +213,38 @@ Launcher = Callable[[str, list[str], RunConfig], None]
 
 def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
               launch: Launcher = launch_subprocess, variant: str | None = None) -> dict[str, Any]:
-    """Run one stage of a pipeline run (or its ablation variant), or reuse its output when not selected.
-
-    Returns a small summary (fits in an Airflow XCom): task id, output path,
-    whether it ran, seconds, and the stage's metrics.json.
-    """
+    """Run one task of a pipeline run: the stage (or its ablation variant) when selected, else reuse
+    its output. Returns a small summary (fits in an Airflow XCom): task id, output path and key,
+    whether it ran (or how it was reused), seconds, and the stage's metrics."""
     stage = stages.get(name)
     task = Task(name, variant)
-    out = stage_dir(cfg, name, variant)
     t0 = time.monotonic()
     if variant is not None and not cfg.ablation:
-        raise ValueError(f"task {task.id}: this run has no ablation (set ablation)")
-    ran = name in cfg.selected()
-    if not ran and not (out / io.MANIFEST).is_file() and not (name == "synth" and cfg.data_source != BUILTIN):
-        raise ValueError(f"stage {task.id} is not selected and has no output at {out} to reuse; run it first")
-    if ran:
-        env = {"MLFLOW_EXPERIMENT_NAME": cfg.experiment, tracking.PARENT_ENV: parent_run_id or ""}
-        argv = stage_argv(name, cfg, variant)
-        with io.environ(env):  # child processes (torchrun replicas) inherit these
-            if stage.distributed:
-                launch(name, argv, cfg)
-            else:
-                run_in_process(name, argv)
-    metrics = io.read_json(out / io.METRICS) if (out / io.METRICS).is_file() else {}
-    recipe = task_recipe(cfg, variant) if name in ablation_stages() else None  # synth, validate: no recipe
-    return {"stage": name, "task": task.id, "variant": variant, "recipe": recipe, "out": str(out),
-            "ran": ran, "seconds": round(time.monotonic() - t0, 2), "metrics": metrics}
-
-
-def task_recipe(cfg: RunConfig, variant: str | None) -> str:
-    """The pretraining recipe behind a task's output: the run's, or the other one for the ablation."""
-    return other_recipe(cfg.recipe) if variant == ABLATION else cfg.recipe
+        raise ConfigError(f"task {task.id}: this run has no ablation (set ablation)")
+    if external(cfg, task):
+        source = stage_dir(cfg, name)
+        if not source.is_dir():
+            raise config.InputError(f"data_source {source}: not a folder")
+        return {"stage": name, "task": task.id, "variant": None, "recipe": None, "out": str(source), "key": None,
+                "ran": False, "reused": "data source", "seconds": 0.0, "metrics": {}}
+    stage_cfg = task_config(cfg, task)
+    selected = name in cfg.selected()
+    force = cfg.forced(name)
+    env = {"MLFLOW_EXPERIMENT_NAME": cfg.experiment, tracking.PARENT_ENV: parent_run_id or ""}
+    with io.environ(env):  # child processes (torchrun replicas) inherit these
+        outcome = None if force else runner.reuse(stage, stage_cfg)
+        if outcome is None and not selected:
+            raise ConfigError(f"stage {task.id} is not selected (stage: {cfg.stage!r}) and no earlier run made its "
+                              f"output with this configuration; select it too, or run 'all'")
+        if outcome is None and stage.distributed:
+            launch(name, ["--preset", cfg.preset, *(["--force"] if force else []), *config_argv(stage_cfg)], cfg)
+            outcome = runner.published(stage, stage_cfg.out)
+        elif outcome is None:
+            outcome = runner.execute(stage, stage_cfg, force=force)
+    recipe = getattr(stage_cfg, "recipe", None) if name in stages.ablation_stages() else None
+    return {"stage": name, "task": task.id, "variant": variant, "recipe": recipe, "out": outcome.out,
+            "key": outcome.key, "ran": outcome.ran, "reused": outcome.reused,
+            "seconds": round(time.monotonic() - t0, 2), "metrics": outcome.metrics}
 
 
 def start_pipeline_run(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> str:
@@ -195,8 +252,10 @@ def start_pipeline_run(cfg: RunConfig, *, tags: dict[str, str] | None = None) ->
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
+    resolve(cfg)  # every stage's config checked before anything starts
+
     experiment = tracking.set_experiment(tracking.tracking_uri(Path(cfg.out) / "_"), cfg.experiment)
-    all_tags = {"peflow.preset": cfg.preset, "peflow.git_commit": git_commit(), **(tags or {})}
+    all_tags = {"peflow.preset": cfg.preset, "peflow.recipe": task_recipe(cfg, None), "peflow.git_commit": git_commit(), **(tags or {})}
     client = mlflow.MlflowClient()
     run = client.create_run(experiment.experiment_id, run_name=f"pipeline-{Path(cfg.out).name}", tags=all_tags)
     for k, v in dataclasses.asdict(cfg).items():
@@ -213,10 +272,10 @@ def end_pipeline_run(cfg: RunConfig, run_id: str, summaries: list[dict[str, Any]
     for s in summaries:
         if not s:
             continue
-        client.log_metric(run_id, f"time/{s.get('task', s['stage'])}_s", s["seconds"])
+        client.log_metric(run_id, f"time/{s['task']}_s", s["seconds"])
         for k, v in s.get("metrics", {}).items():
             if isinstance(v, (int, float)):
-                client.log_metric(run_id, metric_key(s, k), float(v))
+                client.log_metric(run_id, stages.metric_key(s, k), float(v))
     try:
         from peflow.run_report import log_report
 
@@ -224,18 +283,6 @@ def end_pipeline_run(cfg: RunConfig, run_id: str, summaries: list[dict[str, Any]
     except Exception as e:  # noqa: BLE001  (a broken report must not hide the run's own status)
         logging.getLogger(__name__).warning("pipeline report not written: %s: %s", type(e).__name__, e)
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-
-
-def stage_key(stage: str, name: str) -> str:
-    """A stage metric's name prefixed by its stage: `evaluate/zeroshot/test/top1`."""
-    return name if name.startswith(f"{stage}/") else f"{stage}/{name}"
-
-
-def metric_key(summary: dict[str, Any], name: str) -> str:
-    """A stage metric's name in the pipeline run: `evaluate/zeroshot/test/top1`,
-    `ablation/evaluate/zeroshot/test/top1` for the ablation variant."""
-    key = stage_key(summary["stage"], name)
-    return f"{summary['variant']}/{key}" if summary.get("variant") else key
 
 
 def git_commit() -> str:
@@ -246,15 +293,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def task_recipe(cfg: RunConfig, variant: str | None) -> str:
+    """The pretraining recipe behind a task's output: the run's, or the other one for the ablation."""
+    recipe = cfg.recipe or getattr(cfg.pipeline().config("pretrain"), "recipe", "pe")
+    return other_recipe(recipe) if variant == ABLATION else recipe
+
+
 def run_pipeline(cfg: RunConfig, *, launch: Launcher = launch_subprocess,
                  echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """`peflow run`: every stage in order (selected ones run, others are reused)."""
+    """`peflow run`: every active task in order (selected ones run, others are reused)."""
     parent = start_pipeline_run(cfg, tags={"peflow.orchestrator": "peflow run"})
     summaries: list[dict[str, Any]] = []
     failed = True
     try:
         for t in tasks():
-            if (t.stage == "synth" and cfg.data_source != BUILTIN) or (t.variant and not cfg.ablation):
+            if not active(cfg, t):
                 continue
             echo(f"== {t.id} ==")
             summaries.append(run_stage(t.stage, cfg, parent_run_id=parent, launch=launch, variant=t.variant))
@@ -265,21 +318,23 @@ def run_pipeline(cfg: RunConfig, *, launch: Launcher = launch_subprocess,
 
 
 def params_spec() -> dict[str, dict[str, Any]]:
-    """The run config as JSON-schema-style Params (name -> default, type, title, description).
+    """The run config as JSON-schema-style Params (name -> default, type, title, description, enum).
 
     The DAG wraps each entry in an Airflow `Param`; `out` is per DAG run.
     """
     kinds = {int: "integer", float: "number", str: "string", bool: "boolean"}
-    enums = {"scheduler": ["local_cwd", "kubernetes"], "recipe": list(RECIPES)}
     spec: dict[str, dict[str, Any]] = {}
-    for f in dataclasses.fields(RunConfig):
+    for f, tp in config.resolved_fields(RunConfig):
         if f.name == "out":
             continue
-        tp = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
-        entry = {"default": f.default, "type": kinds[tp], "title": f.name.replace("_", " ").capitalize(),
-                 "description": f.metadata["help"]}
-        if f.name in enums:
-            entry["enum"] = enums[f.name]
+        kind = kinds[config.base_type(tp)]
+        entry: dict[str, Any] = {"default": f.default, "type": ["null", kind] if config.optional(tp) else kind,
+                                 "title": f.name.replace("_", " ").capitalize(), "description": f.metadata["help"]}
+        choices = config.field_choices(f)
+        if choices is not None:
+            entry["enum"] = [None, *choices] if config.optional(tp) else choices
+        if f.name == "stage":
+            entry["examples"] = ["all", *stages.names()]
         spec[f.name] = entry
     return spec
 

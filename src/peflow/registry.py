@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from typing import Any
 
 CORE = "peflow-core"
-#: Registered model per stage that logs a model. Later stages add peflow-video, peflow-lang, peflow-spatial.
-MODEL_NAMES: dict[str, str] = {"pretrain": CORE}
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 DIGEST_TAG = "peflow.checkpoint_digest"
@@ -54,6 +52,28 @@ def register(model_uri: str, name: str, *, tags: Mapping[str, str]) -> Any:
     import mlflow
 
     return mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+
+
+def log_and_register(model: Any, name: str, *, digest: str, tags: Mapping[str, str]) -> Any | None:
+    """Log `model` to the active MLflow run as a pytorch model and register it as a new version of
+    `name` (alias `candidate`), tagged with the digest of its checkpoint folder (what an evaluation
+    records as its checkpoint input). Pickled (pt2 export would trace the model); requirements
+    pinned (no environment inference, offline). Without a model registry it warns and goes on: the
+    stage's output is complete either way. Returns the ModelVersion or None."""
+    import mlflow.pytorch
+
+    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                    pip_requirements=["torch", "open_clip_torch", "timm"],
+                                    metadata={"peflow_preset": str(getattr(model, "peflow_preset", ""))})
+    try:
+        version = register(info.model_uri, name, tags={DIGEST_TAG: digest, **tags})
+        set_candidate(version.name, version.version)
+        return version
+    except Exception as e:  # noqa: BLE001 -- the model is trained and saved: never fail the stage here
+        # A warning, not logging: importing mlflow.pytorch calls logging.basicConfig(level=ERROR).
+        warnings.warn(f"model not registered ({type(e).__name__}: {e}); the stage output is complete",
+                      stacklevel=2)
+        return None
 
 
 def set_candidate(name: str, version: str | int, *, tracking_uri: str | None = None) -> None:

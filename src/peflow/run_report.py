@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from peflow.compare import DEFAULT_METRICS, direction
+from peflow.compare import direction, key_metrics
 
 REPORT = "report.html"
 
@@ -48,7 +48,7 @@ def _columns(summaries: Sequence[Mapping[str, Any]]) -> list[str | None]:
 def _by_variant(summaries: Sequence[Mapping[str, Any]]) -> dict[str | None, dict[str, float]]:
     """variant -> {"<stage>/<metric>": value}. A variant column starts from the main tasks (an
     ablation reuses the main run's corpus and validation), then its own tasks replace theirs."""
-    from peflow.orchestration import stage_key
+    from peflow.stages import stage_key
 
     def numbers(s: Mapping[str, Any]) -> dict[str, float]:
         return {stage_key(s["stage"], k): float(v) for k, v in s.get("metrics", {}).items()
@@ -85,7 +85,7 @@ def metric_rows(values: Mapping[str | None, Mapping[str, float]]) -> list[str]:
     """The metric names the key table shows: the key metrics of `peflow compare` (globs expanded in
     their order), among them each probe task's best layer, best score and last-layer score."""
     present = sorted(set().union(*(v.keys() for v in values.values())))
-    rows = [k for pattern in DEFAULT_METRICS for k in present if fnmatch.fnmatchcase(k, pattern)]
+    rows = [k for pattern in key_metrics() for k in present if fnmatch.fnmatchcase(k, pattern)]
     return list(dict.fromkeys(rows))
 
 
@@ -117,7 +117,7 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
     labels = [f"{'main' if v is None else v} ({_recipe(summaries, v)})" for v in variants]
     values = _by_variant(summaries)
     info = [["run", str(Path(cfg.out).name)], ["MLflow run", run_id], ["preset", cfg.preset],
-            ["recipe", cfg.recipe], ["ablation", str(getattr(cfg, "ablation", False))],
+            ["recipe", str(_recipe(summaries, None))], ["ablation", str(getattr(cfg, "ablation", False))],
             ["data source", cfg.data_source], ["written", time.strftime("%Y-%m-%d %H:%M:%S %Z")]]
     stage_rows = [[s.get("task", s["stage"]), s.get("recipe") or "", "ran" if s["ran"] else "reused",
                    f"{s['seconds']:.1f}", s["out"]] for s in summaries]

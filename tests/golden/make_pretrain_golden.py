@@ -37,9 +37,10 @@ CASES: dict[str, dict[str, Any]] = {
 
 def make_corpus(out: Path) -> Path:
     """The `test` synthetic corpus (seed 0, one worker) under `out`."""
+    from peflow import runner
     from peflow.stages import synth
 
-    return synth.run(synth.Config(out=str(out / "synth"), preset="test", seed=0, workers=1))
+    return Path(runner.execute("synth", synth.Config(out=str(out / "synth"), corpus="test", seed=0, workers=1)).out)
 
 
 def plan_for(case: str, corpus: Path, ckpt_dir: Path) -> Any:

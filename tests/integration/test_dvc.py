@@ -27,8 +27,9 @@ def test_repro_push_pull_from_a_clean_clone(tmp_path):
     sh("git", "init", "-q", cwd=repo, env=env)
     sh(BIN / "dvc", "init", "-q", cwd=repo, env=env)
     sh(BIN / "dvc", "remote", "add", "-d", "local", remote, cwd=repo, env=env)
+    sh(BIN / "dvc", "config", "parsing.bool", "boolean_optional", cwd=repo, env=env)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["synth"] = {"preset": "test", "seed": 3}
+    params["synth"] = {"corpus": "test", "seed": 3}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / "dvc.yaml").write_text(pipeline.render_dvc_yaml(repo / "params.yaml"))
     shutil.copytree(ROOT / "src", repo / "src")  # the stage's code deps

@@ -90,7 +90,7 @@ def test_evaluate_stage_end_to_end(tiny_corpus, micro_checkpoint, tmp_path, monk
     # another batch size: the same metrics (batching does not change the protocol)
     out2 = tmp_path / "evaluate2"
     assert peflow("evaluate", "--checkpoint", str(micro_checkpoint), "--data", str(tiny_corpus), "--out", str(out2),
-                  "--batch-size", "7", "--dsl-reweight", "--experiment", "test-eval") == 0
+                  "--batch-size", "7", "--dsl-reweight", "--experiment", "test-eval", "--force") == 0
     assert read_json(out2 / "metrics.json") == pytest.approx(metrics, abs=1e-9)
 
 
@@ -102,6 +102,24 @@ def test_evaluate_bad_input_is_a_clear_error(tiny_corpus, micro_checkpoint, tmp_
     assert "shift_nope" in capsys.readouterr().err
     assert peflow("evaluate", "--checkpoint", str(micro_checkpoint), *common, "--templates", "klingon") == 2
     assert "template" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_checkpoints_are_one_line_errors_naming_the_file(tiny_corpus, micro_checkpoint, tmp_path, capsys):
+    import os
+    import shutil
+
+    random_pt = tmp_path / "X.pt"
+    random_pt.write_bytes(os.urandom(5000))
+    cut = tmp_path / "cut"
+    shutil.copytree(micro_checkpoint, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 3])
+    for ckpt, name in ((random_pt, "X.pt"), (cut, "model.safetensors")):
+        assert peflow("evaluate", "--checkpoint", str(ckpt), "--model", "test", "--data", str(tiny_corpus),
+                      "--out", str(tmp_path / "o")) == 2
+        err = capsys.readouterr().err
+        assert name in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 
 

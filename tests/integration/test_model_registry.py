@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from peflow import orchestration, registry, tracking
+from peflow import cli, registry, runner, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,10 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def _pretrain(corpus: Path, out: Path, seed: int) -> tuple[Path, str]:
     """`peflow pretrain` in-process; returns the output folder and evaluate's digest of it."""
-    from peflow.stages.evaluate import checkpoint_digest, resolve_checkpoint
-
-    orchestration.run_in_process("pretrain", ["--data", str(corpus), "--out", str(out), "--seed", str(seed), *TINY])
-    return out, checkpoint_digest(resolve_checkpoint(out))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pretrain", "--data", str(corpus), "--out", str(out), "--seed", str(seed), *TINY])
+    assert e.value.code == 0
+    return out, runner.fingerprint(out, what="checkpoint")
 
 
 def _aliases(client: Any) -> dict[str, str]:
@@ -109,15 +109,13 @@ def test_training_goes_on_without_a_registry(tmp_path: Path, tracking_uri: str,
     import mlflow
 
     from peflow.models.pe import build_model, save_model
-    from peflow.train.report import _log_model
-
     model = build_model("test")
     save_model(model, tmp_path / "model", extra={"recipe": "pe"})
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", "no-registry://here")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("no-registry")  # not the active experiment id of an earlier test's store
     with pytest.warns(UserWarning, match="model not registered"), mlflow.start_run() as run:
-        _log_model(model, tmp_path / "model")
+        registry.log_and_register(model, registry.CORE, digest="0" * 64, tags={})
     assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     with pytest.warns(UserWarning, match="registry not updated"):
         result = registry.record_evaluation("0" * 64, {KEY: 0.5})

@@ -17,14 +17,14 @@ import pytest
 from tests.helpers import ROOT, free_port, offline_env
 
 # Tiny but real: micro model, 2 processes, progressive resolution and mask regularization on.
-TINY = ["--preset", "micro", "--recipe", "pe", "--steps", "8", "--global-batch", "16", "--resolutions",
+TINY = ["--preset", "test", "--model", "micro", "--recipe", "pe", "--steps", "8", "--global-batch", "16", "--resolutions",
         "16:0.5,32:0.5", "--checkpoint-every", "2", "--eval-splits", "", "--no-log-model", "--no-progress"]
 
 
 def _torchrun(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}",
-           "-m", "peflow.stages.pretrain", "--data", str(corpus), "--out", str(out), *TINY, *extra]
+           "-m", "peflow.cli", "pretrain", "--data", str(corpus), "--out", str(out), *TINY, *extra]
     env = offline_env(MLFLOW_TRACKING_URI=f"sqlite:///{out.parent / 'mlflow.db'}", OMP_NUM_THREADS="1",
                       PYTHONPATH=str(ROOT))
     log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115
@@ -75,21 +75,24 @@ def test_killed_run_resumes_with_identical_losses(tiny_corpus: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_short_run_fits_the_tiny_corpus_and_logs_to_mlflow(tiny_corpus: Path, tmp_path: Path) -> None:
+def test_short_run_fits_the_tiny_corpus_and_logs_to_mlflow(tiny_corpus: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Single process, in-process stage run: 150 micro steps on the tiny corpus (120 images).
 
     The tiny corpus is too small to generalise from (zero-shot stays at chance there); the
     held-out accuracy check needs the nano corpus: see `test_nano_zero_shot_above_chance`."""
     import mlflow
 
+    from peflow import runner
     from peflow.models.pe import load_model
-    from peflow.stages.pretrain import Config, run
+    from peflow.stages.pretrain import Config
 
     out = tmp_path / "pretrain"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run(Config(data=str(tiny_corpus), out=str(out), preset="micro", recipe="vanilla", steps=150, global_batch=24,
-               lr=2e-3, resolutions="32:1", eval_splits="train,val,test", tracking_uri=uri, threads=2,
-               progress=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    runner.execute("pretrain", Config(data=str(tiny_corpus), out=str(out), model="micro", recipe="vanilla", steps=150,
+                                      global_batch=24, lr=2e-3, resolutions="32:1", eval_splits="train,val,test",
+                                      threads=2, progress=False))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["zeroshot/chance_top1"] == pytest.approx(1 / 12)
     assert metrics["train/final_clip_loss"] < 0.5 * math.log(24), metrics  # fits the pairs (chance: ln 24)
@@ -97,7 +100,7 @@ def test_short_run_fits_the_tiny_corpus_and_logs_to_mlflow(tiny_corpus: Path, tm
 
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["peflow"], output_format="list")[0]
-    assert run.data.params["preset"] == "micro" and run.data.tags["input.data.digest"]
+    assert run.data.params["model"] == "micro" and run.data.tags["input.data.digest"]
     assert run.data.tags["dvc.data.md5"].endswith(".dir")
     assert run.data.metrics["zeroshot/train/top1"] == pytest.approx(metrics["zeroshot/train/top1"])
     history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")
@@ -106,19 +109,22 @@ def test_short_run_fits_the_tiny_corpus_and_logs_to_mlflow(tiny_corpus: Path, tm
 
 
 @pytest.mark.slow
-def test_compiled_step_trains_like_the_eager_one(tiny_corpus: Path, tmp_path: Path) -> None:
+def test_compiled_step_trains_like_the_eager_one(tiny_corpus: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`--compile` (torch.compile of forward + loss, inductor on CPU) gives the eager run's losses."""
     from torch._dynamo.utils import counters
 
-    from peflow.stages.pretrain import Config, run
+    from peflow import runner
+    from peflow.stages.pretrain import Config
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     losses = {}
     for compiled in (False, True):
         out = tmp_path / f"compile-{compiled}" / "pretrain"
         counters.clear()
-        run(Config(data=str(tiny_corpus), out=str(out), preset="micro", recipe="pe", steps=4, global_batch=16,
-                   resolutions="32:1", eval_splits="", log_model=False, progress=False, threads=2,
-                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", compile=compiled))
+        runner.execute("pretrain", Config(data=str(tiny_corpus), out=str(out), model="micro", recipe="pe", steps=4,
+                                          global_batch=16, resolutions="32:1", eval_splits="", log_model=False,
+                                          progress=False, threads=2, compile=compiled))
         losses[compiled] = _losses(out)
         # the compiled run really went through dynamo (and the eager one did not)
         assert (counters["stats"]["unique_graphs"] > 0) == compiled, dict(counters["stats"])
@@ -132,9 +138,11 @@ def nano_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The nano corpus (about 50 s on 2 cores), or $PEFLOW_NANO_CORPUS when set."""
     if os.environ.get("PEFLOW_NANO_CORPUS"):
         return Path(os.environ["PEFLOW_NANO_CORPUS"])
+    from peflow import runner
     from peflow.stages import synth
 
-    return synth.run(synth.Config(out=str(tmp_path_factory.mktemp("nano") / "synth"), preset="nano", seed=0))
+    out = tmp_path_factory.mktemp("nano") / "synth"
+    return Path(runner.execute("synth", synth.Config(out=str(out), corpus="nano", seed=0)).out)
 
 
 @pytest.mark.slow
@@ -148,7 +156,7 @@ def test_nano_learns_held_out_zero_shot_above_chance(nano_corpus: Path, tmp_path
     chance, majority class 17%). The full nano budget is in docs/pretraining.md."""
     out = tmp_path / "pretrain"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "-m", "peflow.stages.pretrain",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "-m", "peflow.cli", "pretrain",
            "--data", str(nano_corpus), "--out", str(out), "--recipe", "vanilla", "--steps", "1000",
            "--eval-splits", "val,test", "--no-log-model", "--no-progress"]
     env = offline_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(ROOT))

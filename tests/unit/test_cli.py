@@ -11,12 +11,12 @@ def test_help_lists_every_stage(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for s in stages.STAGES:
+    for s in stages.all_stages():
         assert s.name in out
 
 
-@pytest.mark.parametrize("stage", [s.name for s in stages.STAGES])
-def test_stage_help_shows_every_config_field(stage, capsys):
+@pytest.mark.parametrize("stage", stages.names())
+def test_stage_help_shows_every_config_field_and_the_preset(stage, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([stage, "--help"])
     assert e.value.code == 0
@@ -25,6 +25,7 @@ def test_stage_help_shows_every_config_field(stage, capsys):
 
     for f in dataclasses.fields(stages.get(stage).config_cls):
         assert "--" + f.name.replace("_", "-") in out
+    assert "--preset" in out and "--force" in out
 
 
 def test_console_script_runs():
@@ -34,9 +35,18 @@ def test_console_script_runs():
     assert "synth" in r.stdout
 
 
-def test_bad_value_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize(("argv", "says"), [
+    (["synth", "--corpus", "no-such-corpus"], "synth.corpus: 'no-such-corpus' is not one of"),
+    (["synth", "--preset", "no-such-preset"], "preset: 'no-such-preset' is not one of"),
+    (["pretrain", "--steps", "0", "--data", "D"], "pretrain.steps: must be >= 1"),
+    (["pretrain", "--data", "/nowhere"], "data /nowhere: does not exist"),
+    (["evaluate", "--data", "/nowhere"], "evaluate.checkpoint: required"),
+    (["run", "--preset", "huge"], "preset: 'huge' is not one of"),
+])
+def test_bad_value_is_a_one_line_error(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
-        cli.main(["synth", "--preset", "no-such-preset", "--out", str(tmp_path / "x")])
+        cli.main([*argv, "--out", str(tmp_path / "x")])
     assert e.value.code == 2
-    assert "no-such-preset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()

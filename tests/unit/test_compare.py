@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from peflow import orchestration, tracking
-from peflow.cli import app
+from peflow.cli import build_app
 
 TOP1 = "evaluate/zeroshot/test/top1"
 LOSS = "pretrain/train/final_loss"
@@ -85,7 +85,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, dict
 
 
 def _invoke(*args: str, columns: int = 300) -> Any:
-    return CliRunner().invoke(app, ["compare", *args], env={"COLUMNS": str(columns), "MLFLOW_TRACKING_URI": ""})
+    return CliRunner().invoke(build_app(), ["compare", *args], env={"COLUMNS": str(columns), "MLFLOW_TRACKING_URI": ""})
 
 
 def _json(result: Any) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from peflow import orchestration
+from peflow import orchestration, presets, stages
+from peflow.config import ConfigError
 from peflow.run_report import build_report, metric_rows
 
 
@@ -15,40 +16,81 @@ def _cfg(tmp_path, **kw):
 
 
 def test_ablation_reruns_recipe_stages_and_their_downstream():
-    assert orchestration.ablation_stages() == ("pretrain", "evaluate")
+    assert stages.ablation_stages() == ["pretrain", "evaluate"]
     ids = [t.id for t in orchestration.tasks()]
     assert ids == ["synth", "validate", "pretrain", "evaluate", "pretrain_ablation", "evaluate_ablation"]
 
 
-def test_ablation_argv_swaps_recipe_and_reads_its_own_upstream(tmp_path):
-    cfg = _cfg(tmp_path, recipe="pe", ablation=True)
+def test_ablation_config_swaps_recipe_and_reads_its_own_upstream(tmp_path):
     run = tmp_path / "run"
-    pre = orchestration.stage_argv("pretrain", cfg, orchestration.ABLATION)
-    assert pre[pre.index("--recipe") + 1] == "vanilla"
-    assert pre[pre.index("--out") + 1] == str(run / "ablation" / "pretrain")
-    assert pre[pre.index("--data") + 1] == str(run / "validate")  # shared upstream
-    ev = orchestration.stage_argv("evaluate", cfg, orchestration.ABLATION)
-    assert ev[ev.index("--checkpoint") + 1] == str(run / "ablation" / "pretrain")
-    assert ev[ev.index("--data") + 1] == str(run / "validate")
-    main = orchestration.stage_argv("pretrain", cfg)
-    assert main[main.index("--recipe") + 1] == "pe" and main[main.index("--out") + 1] == str(run / "pretrain")
-    vanilla_first = _cfg(tmp_path, recipe="vanilla", ablation=True)
-    argv = orchestration.stage_argv("pretrain", vanilla_first, orchestration.ABLATION)
-    assert argv[argv.index("--recipe") + 1] == "pe"
+    cfgs = orchestration.resolve(_cfg(tmp_path, recipe="pe", ablation=True))
+    pre, ev = cfgs["pretrain_ablation"], cfgs["evaluate_ablation"]
+    assert pre.recipe == "vanilla" and pre.out == str(run / "ablation" / "pretrain")
+    assert pre.data == str(run / "validate")  # shared upstream
+    assert ev.checkpoint == str(run / "ablation" / "pretrain") and ev.data == str(run / "validate")
+    assert cfgs["pretrain"].recipe == "pe" and cfgs["pretrain"].out == str(run / "pretrain")
+    vanilla_first = orchestration.resolve(_cfg(tmp_path, recipe="vanilla", ablation=True))
+    assert vanilla_first["pretrain_ablation"].recipe == "pe"
+    argv = orchestration.config_argv(pre)
+    assert argv[argv.index("--recipe") + 1] == "vanilla" and "--log-model" in argv and "--no-compile" in argv
 
 
 def test_ablation_task_needs_the_flag_and_recipe_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="no ablation"):
+    with pytest.raises(ConfigError, match="no ablation"):
         orchestration.run_stage("pretrain", _cfg(tmp_path), variant=orchestration.ABLATION)
-    with pytest.raises(ValueError, match="recipe"):
+    with pytest.raises(ConfigError, match="recipe"):
         _cfg(tmp_path, recipe="clip")
+
+
+def test_presets_derive_from_nano_and_every_config_checks():
+    nano, test = presets.nano(), presets.test()
+    assert nano.config("pretrain").steps == 2000 and test.config("pretrain").steps == 20
+    assert test.config("pretrain").recipe == nano.config("pretrain").recipe == "pe"
+    assert presets.b16().config("pretrain").model == "pe-core-b16" and presets.b16().nodes == "4x8"
+    assert presets.l14().config("pretrain").global_batch == 131_072
+    for name in presets.names():
+        for t, cfg in orchestration.resolve(orchestration.RunConfig(out="/x", preset=name)).items():
+            assert cfg.out.startswith("/x/"), t
+
+
+@pytest.mark.parametrize(("kw", "names"), [
+    (dict(preset="huge"), ["preset", "'huge'", "nano"]),
+    (dict(overrides="pretrain.stepz=3"), ["pretrain", "stepz", "steps"]),
+    (dict(overrides="pretrain.steps=0"), ["pretrain.steps", ">= 1"]),
+    (dict(overrides="pretrain.model=gigantic"), ["pretrain.model", "'gigantic'", "pe-core-b16"]),
+    (dict(overrides="evaluate.probe_tasks=cls,nope"), ["overrides", "'nope'"]),
+    (dict(overrides="pretrain.resolutions=33:1"), ["pretrain", "33", "patch size"]),
+    (dict(overrides="validate.max_failure_rate=2"), ["validate", "max_failure_rate"]),
+    (dict(overrides="nowhere.x=1"), ["unknown stage", "'nowhere'"]),
+    (dict(stage="pretrain,fly"), ["stage", "'fly'"]),
+    (dict(steps=0), ["steps", ">= 1"]),
+])
+def test_bad_preset_or_field_fails_before_any_stage_naming_it(tmp_path, kw, names):
+    with pytest.raises(ConfigError) as e:
+        orchestration.resolve(_cfg(tmp_path, **kw))
+    for name in names:
+        assert name in str(e.value), (name, str(e.value))
+    assert not (tmp_path / "run").exists()
+
+
+def test_params_form_offers_presets_and_optional_overrides():
+    spec = orchestration.params_spec()
+    assert spec["preset"]["enum"] == presets.names() and spec["preset"]["default"] == "nano"
+    assert spec["steps"]["type"] == ["null", "integer"] and spec["steps"]["default"] is None
+    assert spec["recipe"]["enum"] == [None, "pe", "vanilla"]
+
+
+def test_unselected_stage_without_an_earlier_output_is_a_config_error(tmp_path):
+    cfg = _cfg(tmp_path, preset="test", stage="evaluate", data_source=str(tmp_path))
+    with pytest.raises(ConfigError, match="validate is not selected"):
+        orchestration.run_stage("validate", cfg)
 
 
 def test_metric_key_prefixes_stage_and_variant():
     main = {"stage": "evaluate", "variant": None}
     abl = {"stage": "evaluate", "variant": "ablation"}
-    assert orchestration.metric_key(main, "zeroshot/test/top1") == "evaluate/zeroshot/test/top1"
-    assert orchestration.metric_key(abl, "zeroshot/test/top1") == "ablation/evaluate/zeroshot/test/top1"
+    assert stages.metric_key(main, "zeroshot/test/top1") == "evaluate/zeroshot/test/top1"
+    assert stages.metric_key(abl, "zeroshot/test/top1") == "ablation/evaluate/zeroshot/test/top1"
 
 
 def _png(path, colour):

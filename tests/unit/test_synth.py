@@ -10,12 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peflow import cli
+from peflow import cli, runner
 from peflow.data import formats
 from peflow.data.synth import presets, vocab
 from peflow.stages import synth
 
 VARYING: set[str] = set()  # nothing: every file, manifest included, is a function of (preset, seed)
+
+
+def _synth(out: Path, **kw) -> Path:
+    """A fresh `test` corpus (forced: never reused from the store)."""
+    cfg = synth.Config(out=str(out), corpus="test", **kw)
+    return Path(runner.execute("synth", cfg, force=True).out)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -60,7 +66,7 @@ def test_cli_writes_the_layout(tmp_path):
 
 
 def test_same_seed_same_bytes_any_workers(tiny_corpus, tmp_path):
-    again = synth.run(synth.Config(out=str(tmp_path / "again"), preset="test", seed=0, workers=2))
+    again = _synth(tmp_path / "again", seed=0, workers=2)
     a, b = _files(tiny_corpus), _files(again)
     assert a.keys() == b.keys()
     differing = [k for k in a if a[k] != b[k] and k not in VARYING]
@@ -68,7 +74,7 @@ def test_same_seed_same_bytes_any_workers(tiny_corpus, tmp_path):
 
 
 def test_different_seed_different_data(tiny_corpus, tmp_path):
-    other = synth.run(synth.Config(out=str(tmp_path / "other"), preset="test", seed=1, workers=1))
+    other = _synth(tmp_path / "other", seed=1, workers=1)
     a, b = _files(tiny_corpus), _files(other)
     for k in a:
         if k.endswith(".tar"):
@@ -82,17 +88,17 @@ def test_tar_metadata_is_fixed(tiny_corpus):
     assert [m.name for m in members][:5] == sorted(m.name for m in members[:5])
 
 
-@pytest.mark.parametrize("bad", [dict(preset="huge"), dict(image_size=33), dict(image_size=8),
+@pytest.mark.parametrize("bad", [dict(corpus="huge"), dict(image_size=33), dict(image_size=8),
                                  dict(human_caption_fraction=1.5), dict(num_frames=1), dict(workers=0)])
 def test_bad_values_are_value_errors(tmp_path, bad):
     with pytest.raises(ValueError) as e:
-        synth.run(synth.Config(out=str(tmp_path / "x"), **{"preset": "test", **bad}))
+        runner.execute("synth", synth.Config(out=str(tmp_path / "x"), **{"corpus": "test", **bad}))
     assert str(list(bad.values())[0]) in str(e.value)
     assert not (tmp_path / "x").exists()
 
 
 def test_image_override(tmp_path):
-    cfg = synth.Config(out=str(tmp_path / "x"), preset="test", image_size=48, num_frames=20)
+    cfg = synth.Config(out=str(tmp_path / "x"), corpus="test", image_size=48, num_frames=20)
     p = synth.corpus_preset(cfg)
     assert (p.image_size, p.num_frames, p.train_images) == (48, 20, presets.test().train_images)
 

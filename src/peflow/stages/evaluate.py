@@ -17,47 +17,49 @@ The checkpoint is a peflow checkpoint folder (`model.safetensors` +
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peflow.config import opt, req
+from peflow.config import InputError, opt
+from peflow.stages.base import Result
 
 if TYPE_CHECKING:
     from peflow.evaluate.probes import ProbeResult
 
-STAGE = "evaluate"
+
+
+def _model_presets() -> list[str]:
+    from peflow.models.pe import MODEL_PRESETS
+
+    return sorted(MODEL_PRESETS)
 
 
 @dataclass(kw_only=True)
 class Config:
     """Options of `peflow evaluate`."""
 
-    checkpoint: str = req("Model to evaluate: a peflow checkpoint folder (model.safetensors + model.json, or a "
-                          "stage output holding one) or an official PE-Core .pt (needs --preset).")
-    data: str = req("Corpus folder (image/<split>/shard-*.tar and card.json, as `peflow synth` writes).")
-    out: str = req("Output folder (replaced atomically when the evaluation completes).")
-    preset: str | None = opt(None, "Model preset; required for an official .pt, else read from model.json.")
+    checkpoint: str = opt("", "Model to evaluate: a peflow checkpoint folder (model.safetensors + model.json, or a "
+                              "stage output holding one) or an official PE-Core .pt (needs --model).")
+    data: str = opt("", "Corpus folder (image/<split>/shard-*.tar and card.json, as `peflow synth` writes).")
+    out: str = opt("", "Output folder (replaced atomically when the evaluation completes).")
+    model: str | None = opt(None, "Model preset; required for an official .pt, else read from model.json.",
+                            choices=_model_presets)
     splits: str | None = opt(None, "Comma-separated splits to classify (default: test and every shift_* split).")
     retrieval_split: str = opt("test", "Split whose captions are used for image-text retrieval.")
     templates: str = opt("corpus", "Prompt template set: corpus, simple, openai or all.")
     dsl_reweight: bool = opt(False, "Also report retrieval with PE's DSL re-weighting (retrieval_dsl/*).")
     dsl_scale: float = opt(1.0, "Softmax scale of the DSL re-weighting.")
-    batch_size: int = opt(256, "Images or texts per forward pass.")
+    batch_size: int = opt(256, "Images or texts per forward pass.", min=1, key=False)
     max_samples: int | None = opt(None, "Use at most this many samples per split (default: all).")
     image_size: int | None = opt(None, "Input resolution (default: the model's native size).")
-    threads: int | None = opt(None, "torch CPU threads (default: torch's choice).")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice).", min=1, key=False)
     probes: bool = opt(True, "Also fit layer-by-layer frozen probes on every block (layers.png, probe/* metrics).")
     probe_train: int = opt(2000, "Images that train the probes: the first N of the train split.")
     probe_test: int = opt(500, "Images that score the probes: the first N of the test split.")
     probe_tasks: str = opt("cls,seg,depth,lang", "Comma-separated probe tasks: cls (label), seg (patch class), "
                                                  "depth (patch depth), lang (caption retrieval).")
-    experiment: str = opt("peflow", "MLflow experiment name.")
-    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a local "
-                                         "SQLite store beside OUT).")
 
     def probe_task_list(self) -> list[str]:
         """`probe_tasks` as a list; unknown names raise ValueError."""
@@ -84,10 +86,6 @@ class Config:
         if self.probe_train < 1 or self.probe_test < 1:
             raise ValueError(f"probe_train and probe_test must be >= 1, got {self.probe_train}, {self.probe_test}")
         self.probe_task_list()
-        if not Path(self.checkpoint).exists():
-            raise ValueError(f"checkpoint {self.checkpoint!r} does not exist")
-        if not Path(self.data).is_dir():
-            raise ValueError(f"data {self.data!r} is not a folder")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -102,15 +100,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise ValueError(f"{path}: no {MODEL_FILE} in this folder or below it, and not a .pt file")
-    raise ValueError(f"{path}: several checkpoints below it ({[str(p) for p in found]}); name one")
-
-
-def checkpoint_digest(path: Path) -> str:
-    """SHA-256 of an official .pt, or the content digest of a checkpoint folder."""
-    from peflow.io import dataset_digest, file_sha256
-
-    return file_sha256(path) if path.is_file() else dataset_digest(path)
+        raise InputError(f"checkpoint {path}: no {MODEL_FILE} in this folder or below it, and not a .pt file")
+    raise InputError(f"{path}: several checkpoints below it ({[str(p) for p in found]}); name one")
 
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[str]) -> tuple[dict, dict]:
@@ -154,10 +145,15 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[
 
 def evaluate_probes(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[str]) -> ProbeResult | None:
     """Layer-by-layer probes (None, with a printed note, when the corpus has no train split)."""
+    from peflow.data.formats import find_shards
     from peflow.evaluate.probes import run_probes
 
-    if not (Path(cfg.data) / "image" / "train").is_dir():
-        print(f"peflow evaluate: note: {cfg.data} has no image/train split to train probes on; probes skipped")
+    try:
+        has_train = "train" in find_shards(cfg.data, "image")
+    except FileNotFoundError:
+        has_train = False
+    if not has_train:
+        print(f"peflow evaluate: note: {cfg.data} has no image train split to train probes on; probes skipped")
         return None
     result = run_probes(model, cfg.data, tokenizer=tokenizer, probe_train=cfg.probe_train, probe_test=cfg.probe_test,
                         image_size=cfg.image_size, tasks=cfg.probe_task_list(), classnames=classnames,
@@ -167,29 +163,27 @@ def evaluate_probes(model: Any, tokenizer: Any, cfg: Config, *, classnames: list
     return result
 
 
-def run(cfg: Config) -> Path:
-    """Evaluate `cfg.checkpoint` on `cfg.data` into `cfg.out`; returns that path."""
-    cfg.validate()
+def run(cfg: Config, out: Path) -> Result:
+    """Evaluate `cfg.checkpoint` on `cfg.data` into `out` (the runner's staging folder)."""
     import torch
 
     from peflow.data.formats import label_names
     from peflow.evaluate.probes import plot_layers, write_layers_json
     from peflow.evaluate.report import plot_metrics
-    from peflow.io import METRICS, atomic_output_dir, dataset_digest, environ, write_json_atomic, write_manifest
     from peflow.models import get_tokenizer, load_model
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    if not Path(cfg.data).is_dir():
+        raise InputError(f"data {cfg.data}: not a folder")
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    inputs = {"data": dataset_digest(cfg.data), "checkpoint": checkpoint_digest(ckpt)}
     try:
         classnames = label_names(cfg.data)
     except (FileNotFoundError, KeyError) as e:
-        raise ValueError(f"{cfg.data}: no class list (card.json with 'categories'): {e}") from None
-    model = load_model(ckpt, preset=cfg.preset).eval()
-    preset = getattr(model, "peflow_preset", cfg.preset)
+        raise InputError(f"data {cfg.data}: no class list (card.json with 'categories'): {e}") from None
+    model = load_model(ckpt, preset=cfg.model).eval()
+    preset = getattr(model, "peflow_preset", cfg.model)
     tokenizer = get_tokenizer(preset)
     metrics, counts = evaluate_model(model, tokenizer, cfg, classnames=classnames)
     probes = evaluate_probes(model, tokenizer, cfg, classnames=classnames) if cfg.probes else None
@@ -198,18 +192,11 @@ def run(cfg: Config) -> Path:
         counts.update(probes.counts)
     seconds = time.perf_counter() - t0
 
-    config = {**dataclasses.asdict(cfg), "resolved_checkpoint": str(ckpt), "resolved_preset": preset}
-    with atomic_output_dir(cfg.out) as out:
-        write_json_atomic(out / METRICS, metrics)
-        title = f"{preset} · {ckpt.name} · {Path(cfg.data).name}"
-        plot_metrics({k: v for k, v in metrics.items() if not k.startswith("probe/")}, out / "metrics.png",
-                     title=title)
-        if probes is not None:
-            write_layers_json(probes, out / "layers.json")
-            plot_layers(probes, out / "layers.png", title=f"layer-by-layer probes · {title}")
-        write_manifest(out, stage=STAGE, config=config, inputs=inputs, counts=counts)
-        with environ({"MLFLOW_TRACKING_URI": cfg.tracking_uri}):
-            _log_mlflow(cfg, config, inputs, metrics, out, seconds)
+    title = f"{preset} · {ckpt.name} · {Path(cfg.data).name}"
+    plot_metrics({k: v for k, v in metrics.items() if not k.startswith("probe/")}, out / "metrics.png", title=title)
+    if probes is not None:
+        write_layers_json(probes, out / "layers.json")
+        plot_layers(probes, out / "layers.png", title=f"layer-by-layer probes · {title}")
     print(f"peflow evaluate: {len(metrics)} metrics in {seconds:.1f}s -> {cfg.out}")
     for k in ("zeroshot/test/top1", "zeroshot/test/top1_atypical_colour", "zeroshot/robustness_avg",
               "zeroshot_colour/test/top1", "zeroshot_position/test/top1", "retrieval/i2t/R1", "retrieval/t2i/R1"):
@@ -219,26 +206,6 @@ def run(cfg: Config) -> Path:
         best, last = int(metrics[f"probe/{task}/best_layer"]), probes.layers[-1]
         print(f"  probe/{task}: best layer {best} = {metrics[f'probe/{task}/best']:.4f}, "
               f"last layer {last} = {metrics[f'probe/{task}/last']:.4f}")
-    return Path(cfg.out)
-
-
-def _log_mlflow(cfg: Config, config: dict, inputs: dict, metrics: dict, out: Path, seconds: float) -> None:
-    import mlflow
-
-    from peflow import registry
-    from peflow.tracking import stage_run
-
-    # Tracking sits beside the final folder (not the staging one): same parent.
-    with stage_run(STAGE, out_dir=cfg.out, config=config, inputs=inputs, experiment=cfg.experiment,
-                   datasets={"data": cfg.data, "checkpoint": cfg.checkpoint},
-                   tags={"peflow.eval_seconds": f"{seconds:.2f}"}) as run:
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(out / "metrics.png"))
-        mlflow.log_artifact(str(out / "metrics.json"))
-        for name in ("layers.png", "layers.json"):
-            if (out / name).is_file():
-                mlflow.log_artifact(str(out / name))
-        # The registry: tag the evaluated model version, move `champion` when it wins (a checkpoint
-        # that is no registered version, e.g. an official .pt, is only reported).
-        result = registry.record_evaluation(inputs["checkpoint"], metrics, run_id=run.info.run_id)
-        print(f"peflow evaluate: {registry.describe(result)}")
+    return Result(metrics=metrics, counts=counts,
+                  resolved={"resolved_checkpoint": str(ckpt), "resolved_preset": preset},
+                  tags={"peflow.eval_seconds": f"{seconds:.2f}"})

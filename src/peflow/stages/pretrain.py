@@ -1,9 +1,10 @@
 """PE-core robust contrastive image pretraining (paper section 2.1).
 
 `peflow pretrain --data CORPUS --out OUT [--recipe vanilla|pe]` trains a
-PE-core CLIP model in this process; under torchrun (`python -m torch.distributed.run
---nproc_per_node 2 -m peflow.stages.pretrain ...`) every process runs the same
-function and rank 0 writes the outputs.
+PE-core CLIP model in this process; under torchrun (`peflow launch pretrain
+-j 2x1 -- ...`, or `torchrun -m peflow.cli pretrain ...`) every process runs
+the same function and rank 0 writes the outputs. The budget (steps, batch,
+resolutions, lr) comes from the pipeline preset (`--preset`, peflow.presets).
 
 Outputs:
   OUT/model.safetensors, OUT/model.json   the final model (peflow.models.pe.load_model)
@@ -11,90 +12,103 @@ Outputs:
   OUT/loss.png, OUT/metrics.json, OUT/manifest.json
   OUT.ckpt/step-*/                        resumable checkpoints (outlive a kill; rerun to resume)
 
-MLflow (rank 0): the config as params, per-step metrics, the final metrics,
-the checkpoint, loss plot and the model as an MLflow model, the training
-data's content hash as `input.data.digest`.
+MLflow (rank 0, through the stage runner): the config and resolved plan as
+params, per-step metrics, the final metrics, the last checkpoint, the loss
+plot, and the model as a version of `peflow-core`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peflow.config import opt, req
+from peflow.config import opt
+from peflow.stages.base import Result
+
+
+def _model_presets() -> list[str]:
+    from peflow.models.pe import MODEL_PRESETS
+
+    return sorted(MODEL_PRESETS)
+
+
+def _recipes() -> list[str]:
+    from peflow.train.recipe import RECIPES
+
+    return sorted(RECIPES)
 
 
 @dataclass(kw_only=True)
 class Config:
-    """Options of `peflow pretrain` (unset numbers come from the recipe and the model preset's budget)."""
+    """Options of `peflow pretrain`."""
 
-    data: str = req("Corpus folder holding image/train/*.tar (a `peflow synth` output or LAION-style shards).")
-    out: str = req("Output folder for the final model; checkpoints go to OUT.ckpt beside it.")
-    preset: str = opt("nano", "Model preset: nano, micro, small-cpu or an official size (T/S/B/L/G).")
-    recipe: str = opt("pe", "Training recipe: `pe` (robust PE-core) or `vanilla` (CLIP baseline).")
-    steps: int | None = opt(None, "Optimizer steps (default: the preset's budget).")
-    global_batch: int | None = opt(None, "Image-text pairs per step over all processes (default: budget).")
+    data: str = opt("", "Corpus folder with image-text shards (a `peflow validate` output, or LAION-style shards).")
+    out: str = opt("", "Output folder for the final model; checkpoints go to OUT.ckpt beside it.")
+    model: str = opt("nano", "Model preset: nano, micro, small-cpu or an official size (T/S/B/L/G).",
+                     choices=_model_presets)
+    recipe: str = opt("pe", "Training recipe: `pe` (robust PE-core) or `vanilla` (CLIP baseline).", choices=_recipes)
+    steps: int = opt(2000, "Optimizer steps.", min=1)
+    global_batch: int = opt(64, "Image-text pairs per step over all processes.", min=1)
     micro_batch: int = opt(0, "Rows per forward on each process; smaller than the local batch accumulates "
-                              "gradients (0 = no accumulation).")
-    lr: float | None = opt(None, "Peak learning rate (default: the recipe's, scaled by the budget).")
-    warmup_steps: int | None = opt(None, "Linear warm-up steps (default: the recipe's fraction of steps).")
+                              "gradients (0 = no accumulation).", min=0)
+    lr: float | None = opt(None, "Peak learning rate (default: the recipe's).", min=0.0)
+    warmup_steps: int | None = opt(None, "Linear warm-up steps (default: the recipe's fraction of steps).", min=0)
     seed: int = opt(0, "Seed of initialisation, data order, augmentation and masks.")
-    resolutions: str | None = opt(None, "Progressive resolution as RES:FRACTION,... e.g. 32:0.4,48:0.35,64:0.25 "
-                                        "(default: the budget's; empty: the preset's image size).")
+    resolutions: str = opt("48:0.5,64:0.5", "Progressive resolution as RES:FRACTION,... e.g. 32:0.4,48:0.35,64:0.25 "
+                                            "(empty: the model's image size).")
+    crop_scale_min: float | None = opt(None, "Smallest random-crop area fraction (default: the recipe's, 0.08).",
+                                       min=0.0)
     mask_reg_fraction: float | None = opt(None, "Share of each batch duplicated and 40%-masked for mask "
-                                                "regularization (default: recipe's, 1/16; 0 = off).")
-    mask_reg_weight: float | None = opt(None, "Weight of the mask-regularization loss (default: recipe's).")
-    checkpoint_every: int = opt(100, "Write a resumable checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = opt(2, "How many checkpoints to keep in OUT.ckpt.")
-    init_from: str = opt("", "Start from an official PE-Core .pt (in --preset's size) or a peflow model folder.")
+                                                "regularization (default: recipe's, 1/16; 0 = off).", min=0.0)
+    mask_reg_weight: float | None = opt(None, "Weight of the mask-regularization loss (default: recipe's).",
+                                        min=0.0)
+    checkpoint_every: int = opt(100, "Write a resumable checkpoint every N steps (and at the end).", min=1,
+                                key=False)
+    keep_checkpoints: int = opt(2, "How many checkpoints to keep in OUT.ckpt.", min=1, key=False)
+    init_from: str = opt("", "Start from an official PE-Core .pt (in --model's size) or a peflow model folder.",
+                         input=True)
     eval_splits: str = opt("val", "Comma-separated corpus splits for a quick zero-shot top-1 at the end "
                                   "(empty: none).")
-    experiment: str = opt("peflow", "MLflow experiment name.")
-    tracking_uri: str = opt("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite beside OUT).")
-    log_model: bool = opt(True, "Log the final model as an MLflow model.")
-    threads: int = opt(0, "torch threads per process (0: torch's default; torchrun sets 1 per process).")
+    log_model: bool = opt(True, "Log the final model as an MLflow model and register it (peflow-core).",
+                          key=False)
+    threads: int = opt(0, "torch threads per process (0: torch's default; torchrun sets 1 per process).",
+                       min=0, key=False)
     compile: bool = opt(False, "Run the forward and loss through torch.compile: about 1.1x faster steps on 2 CPU "
                                "cores (bench/README.md) after a compile of one to two minutes per resolution.")
-    progress: bool = opt(True, "Show a progress bar (rank 0).")
+    progress: bool = opt(True, "Show a progress bar (rank 0).", key=False)
+
+    def validate(self) -> None:
+        plan_from_config(self)
 
 
 def plan_from_config(cfg: Config) -> Any:
-    """The resolved TrainPlan: config values over the recipe and the model preset's budget."""
+    """The resolved TrainPlan: config values over the recipe's defaults."""
     from peflow.models.pe import get_model_preset
     from peflow.train.loop import TrainPlan
-    from peflow.train.recipe import default_budget, get_recipe, parse_resolutions
+    from peflow.train.recipe import get_recipe, parse_resolutions
 
-    p = get_model_preset(cfg.preset)
+    p = get_model_preset(cfg.model)
     recipe = get_recipe(cfg.recipe)
-    changes = {k: getattr(cfg, k) for k in ("mask_reg_fraction", "mask_reg_weight") if getattr(cfg, k) is not None}
+    changes: dict[str, Any] = {k: getattr(cfg, k) for k in ("mask_reg_fraction", "mask_reg_weight")
+                               if getattr(cfg, k) is not None}
+    if cfg.crop_scale_min is not None:
+        changes["crop_scale"] = (cfg.crop_scale_min, 1.0)
     recipe = dataclasses.replace(recipe, **changes)
     recipe.validate()
-    budget = default_budget(cfg.preset)
-    if budget.crop_scale is not None:
-        recipe = dataclasses.replace(recipe, crop_scale=budget.crop_scale)
-    steps = cfg.steps if cfg.steps is not None else budget.steps
-    batch = cfg.global_batch if cfg.global_batch is not None else budget.global_batch
-    res_spec = cfg.resolutions if cfg.resolutions is not None else budget.resolutions
-    resolutions = parse_resolutions(res_spec) if res_spec.strip() else [(p.image_size, 1.0)]
+    resolutions = parse_resolutions(cfg.resolutions) if cfg.resolutions.strip() else [(p.image_size, 1.0)]
     for r, _ in resolutions:
         if r % p.patch_size:
-            raise ValueError(f"resolution {r} is not a multiple of preset {p.name}'s patch size {p.patch_size}")
-    lr = cfg.lr if cfg.lr is not None else dict(budget.lr_by_recipe).get(recipe.name, recipe.lr * budget.lr_scale)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(recipe.warmup_fraction * steps)
-    for name, v, lo in (("steps", steps, 1), ("global_batch", batch, 1), ("micro_batch", cfg.micro_batch, 0),
-                        ("warmup_steps", warmup, 0), ("checkpoint_every", cfg.checkpoint_every, 1)):
-        if v < lo:
-            raise ValueError(f"{name} must be >= {lo}, got {v}")
-    if not Path(cfg.data).is_dir():
-        raise ValueError(f"data folder {cfg.data!r} does not exist")
-    return TrainPlan(data=Path(cfg.data), ckpt_dir=ckpt_dir(cfg.out), preset=cfg.preset, recipe=recipe, steps=steps,
-                     global_batch=batch, micro_batch=cfg.micro_batch, lr=lr, warmup_steps=warmup, seed=cfg.seed,
-                     resolutions=resolutions, checkpoint_every=cfg.checkpoint_every,
-                     keep_checkpoints=cfg.keep_checkpoints, init_from=cfg.init_from, compile=cfg.compile)
+            raise ValueError(f"resolution {r} is not a multiple of model {p.name}'s patch size {p.patch_size}")
+    lr = cfg.lr if cfg.lr is not None else recipe.lr
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(recipe.warmup_fraction * cfg.steps)
+    return TrainPlan(data=Path(cfg.data), ckpt_dir=ckpt_dir(cfg.out or "out"), preset=cfg.model, recipe=recipe,
+                     steps=cfg.steps, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, lr=lr,
+                     warmup_steps=warmup, seed=cfg.seed, resolutions=resolutions,
+                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                     init_from=cfg.init_from, compile=cfg.compile)
 
 
 def ckpt_dir(out: str | Path) -> Path:
@@ -103,45 +117,56 @@ def ckpt_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def run(cfg: Config) -> Path:
-    """Train (or resume) and write the final model into `cfg.out`; returns that path."""
+def run(cfg: Config, out: Path | None) -> Result | None:
+    """Train (or resume) and write the final model into `out` (rank 0; other ranks get None)."""
     import torch
 
-    from peflow.io import dataset_digest, up_to_date
     from peflow.train.loop import init_distributed, plan_dict, train
 
     plan = plan_from_config(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    config = dataclasses.asdict(cfg)
-    inputs = {"data": dataset_digest(cfg.data)}
-    if up_to_date(cfg.out, config=config, inputs=inputs):
-        return Path(cfg.out)
     dist = init_distributed()
     try:
         if dist.rank != 0:
             train(plan, dist, progress=False)
-            return Path(cfg.out)
-        from peflow.train.report import StepLogger, finish, tracked_run
+            return None
+        import mlflow
 
-        with tracked_run(cfg, config=config, plan=plan_dict(plan), inputs=inputs) as run_info:
-            logger = StepLogger(run_info)
-            model, history = train(plan, dist, on_step=logger, progress=cfg.progress)
-            logger.flush()
-            finish(cfg, plan, model, history, config=config, inputs=inputs, run_info=run_info)
-        return Path(cfg.out)
+        from peflow.train.report import StepLogger
+
+        mlflow.log_params({f"plan.{k}": str(v) for k, v in plan_dict(plan).items() if k not in ("data", "ckpt_dir")})
+        logger = StepLogger(mlflow.active_run())
+        model, history = train(plan, dist, on_step=logger, progress=cfg.progress)
+        logger.flush()
+        return _finish(cfg, plan, model, history, out)
     finally:
         if dist.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m peflow.stages.pretrain [options]`: the entry point torchrun and TorchX run."""
-    from peflow.cli import main as cli_main
+def _finish(cfg: Config, plan: Any, model: Any, history: list[dict[str, Any]], out: Path) -> Result:
+    """Zero-shot check, the model and the loss plot into `out`; the last checkpoint to MLflow."""
+    import mlflow
 
-    cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    from peflow.models.pe import get_tokenizer, save_model
+    from peflow.train import checkpoint as ckpt
+    from peflow.train.loop import HISTORY
+    from peflow.train.report import final_metrics, loss_plot
+    from peflow.train.zeroshot import zeroshot_check
 
-
-if __name__ == "__main__":
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    main()
+    model = model.float().cpu().eval()
+    metrics = final_metrics(history)
+    splits = [s.strip() for s in cfg.eval_splits.split(",") if s.strip()]
+    if splits:
+        metrics.update(zeroshot_check(model, get_tokenizer(plan.preset), plan.data, splits,
+                                      resolution=plan.resolutions[-1][0]))
+    save_model(model, out, extra={"stage": "pretrain", "recipe": cfg.recipe, "steps": plan.steps})
+    shutil.copyfile(plan.ckpt_dir / HISTORY, out / HISTORY)
+    loss_plot(history, out / "loss.png")
+    last = ckpt.latest(plan.ckpt_dir)
+    if last is not None:
+        mlflow.log_artifacts(str(last), artifact_path="checkpoint")
+    return Result(metrics=metrics, counts={"steps": plan.steps, "samples_seen": plan.steps * plan.global_batch},
+                  model=model if cfg.log_model else None, artifacts=("loss.png", "metrics.json"),
+                  tags={"peflow.recipe": cfg.recipe, "peflow.preset": cfg.model})

@@ -30,20 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peflow.config import opt, req
+from peflow.config import InputError, opt
+from peflow.stages.base import Result
 
 
 @dataclass(kw_only=True)
 class Config:
     """Options of `peflow validate`."""
 
-    data: str = req("Corpus folder to validate (a `peflow synth` output or the same layout).")
-    out: str = req("Output folder: the clean corpus, report.json, quarantine.jsonl, data_docs/.")
+    data: str = opt("", "Corpus folder to validate (a `peflow synth` output or the same layout).")
+    out: str = opt("", "Output folder: the clean corpus, report.json, quarantine.jsonl, data_docs/.")
     max_failure_rate: float = opt(0.05, "Fail (publish nothing) when more than this fraction of samples "
-                                        "is quarantined.")
+                                        "is quarantined.", min=0.0)
     suites: str = opt("image,video", "Comma-separated suites: image, video, captions (generated "
                                      "model_caption on videos). Kinds no suite covers are copied unvalidated.")
-    experiment: str | None = opt(None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or 'peflow').")
     min_side: int = opt(16, "Smallest accepted image / frame width and height, pixels.")
     max_side: int = opt(4096, "Largest accepted image / frame width and height, pixels.")
     min_frames: int = opt(2, "Fewest accepted decoded frames per video.")
@@ -52,7 +52,15 @@ class Config:
     max_duration: float = opt(600.0, "Longest accepted video, seconds.")
     min_caption_chars: int = opt(5, "Shortest accepted caption (and model_caption), characters.")
     max_caption_chars: int = opt(2000, "Longest accepted caption (and model_caption), characters.")
-    workers: int = opt(1, "Processes reading shards (features are extracted per shard).")
+    workers: int = opt(1, "Processes reading shards (features are extracted per shard).", min=1, key=False)
+
+    def validate(self) -> None:
+        from peflow.validation.suites import parse
+
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ValueError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        parse(self.suites)
+        self.bounds()
 
     def bounds(self) -> Any:  # -> peflow.validation.suites.Bounds
         from peflow.validation.suites import Bounds
@@ -114,6 +122,7 @@ def _write_findings(dest: Path, report: dict[str, Any], records: list[dict[str, 
 
 
 def _log(folder: Path, metrics: dict[str, float]) -> None:
+    """A rejected corpus's findings, logged to the stage run the runner opened (it fails next)."""
     import mlflow
 
     mlflow.log_metrics(metrics)
@@ -122,53 +131,44 @@ def _log(folder: Path, metrics: dict[str, float]) -> None:
     mlflow.log_artifacts(str(folder / "data_docs"), artifact_path="data_docs")
 
 
-def run(cfg: Config) -> Path:
-    """Validate `cfg.data`; publish the clean corpus and the report at `cfg.out`; returns that path."""
-    from peflow import tracking
-    from peflow.io import atomic_output_dir, dataset_digest, read_json, write_json_atomic, write_manifest
+def run(cfg: Config, out: Path) -> Result:
+    """Validate `cfg.data`; write the clean corpus and the report into `out` (the staging folder)."""
+    from peflow.data.formats import find_corpus
+    from peflow.io import atomic_output_dir, dataset_digest, read_json
     from peflow.validation import clean, features, gx_run
     from peflow.validation.suites import SUITE_KIND
 
     names, bounds = _check(cfg), cfg.bounds()
-    data, out = Path(cfg.data), Path(cfg.out)
+    data = Path(cfg.data)
     card = read_json(data / "card.json") if (data / "card.json").is_file() else None
     label_sets = _label_sets(card)
     digest = dataset_digest(data)
-    config = dataclasses.asdict(cfg)
-    with tracking.stage_run("validate", out_dir=out, config=config, inputs={"data": digest},
-                            datasets={"data": cfg.data}, experiment=cfg.experiment):
-        t0 = time.perf_counter()
-        kinds = sorted({SUITE_KIND[s] for s in names})
-        df = features.extract(data, label_sets, kinds=kinds, workers=cfg.workers)
-        with tempfile.TemporaryDirectory(prefix="peflow-gx-") as scratch:
-            outcome = gx_run.run_suites(df, names, bounds, label_sets, Path(scratch))
-            report = clean.build_report(df, outcome.reasons, data=str(data), data_digest=digest, suites=names,
-                                        max_failure_rate=cfg.max_failure_rate, bounds=dataclasses.asdict(bounds),
-                                        expectations=outcome.expectations)
-            report["unvalidated"] = [k for k in features.KINDS if k not in kinds and (data / k).is_dir()]
-            records = clean.quarantine_records(df, outcome.reasons)
-            if not report["accepted"]:
-                rejected = rejected_dir(out)
-                with atomic_output_dir(rejected) as stage:
-                    _write_findings(stage, report, records, outcome.docs_dir)
-                _log(rejected, _metrics(report, time.perf_counter() - t0))
-                raise ValueError(
-                    f"{report['failure_rate']:.1%} of samples failed validation ({report['quarantined']} of "
-                    f"{report['total']}), above max_failure_rate {cfg.max_failure_rate:.1%}; top reasons: "
-                    f"{clean.top_reasons(report)}. Nothing was published at {out}; report: "
-                    f"{rejected / 'report.json'} (quarantine.jsonl and data_docs/ beside it)")
-            with atomic_output_dir(out) as stage:
-                passed = clean.write_clean_copy(data, stage, df, outcome.reasons, card)
+    t0 = time.perf_counter()
+    kinds = sorted({SUITE_KIND[s] for s in names})
+    df = features.extract(data, label_sets, kinds=kinds, workers=cfg.workers)
+    with tempfile.TemporaryDirectory(prefix="peflow-gx-") as scratch:
+        outcome = gx_run.run_suites(df, names, bounds, label_sets, Path(scratch))
+        report = clean.build_report(df, outcome.reasons, data=str(data), data_digest=digest, suites=names,
+                                    max_failure_rate=cfg.max_failure_rate, bounds=dataclasses.asdict(bounds),
+                                    expectations=outcome.expectations)
+        report["unvalidated"] = [k for k in find_corpus(data) if k not in kinds]
+        records = clean.quarantine_records(df, outcome.reasons)
+        if not report["accepted"]:
+            rejected = rejected_dir(cfg.out)
+            with atomic_output_dir(rejected) as stage:
                 _write_findings(stage, report, records, outcome.docs_dir)
-                metrics = _metrics(report, time.perf_counter() - t0)
-                write_json_atomic(stage / "metrics.json", metrics)
-                counts = {"total": report["total"], "passed": report["passed"],
-                          "quarantined": report["quarantined"],
-                          **{f"{k}/{s}": n for k, splits in passed.items() for s, n in splits.items()}}
-                write_manifest(stage, stage="validate", config=config, inputs={"data": digest}, counts=counts)
-        shutil.rmtree(rejected_dir(out), ignore_errors=True)  # a stale rejection no longer applies
-        _log(out, metrics)
+            _log(rejected, _metrics(report, time.perf_counter() - t0))
+            raise InputError(
+                f"{report['failure_rate']:.1%} of samples failed validation ({report['quarantined']} of "
+                f"{report['total']}), above max_failure_rate {cfg.max_failure_rate:.1%}; top reasons: "
+                f"{clean.top_reasons(report)}. Nothing was published at {cfg.out}; report: "
+                f"{rejected / 'report.json'} (quarantine.jsonl and data_docs/ beside it)")
+        passed = clean.write_clean_copy(data, out, df, outcome.reasons, card)
+        _write_findings(out, report, records, outcome.docs_dir)
+    shutil.rmtree(rejected_dir(cfg.out), ignore_errors=True)  # a stale rejection no longer applies
+    counts = {"total": report["total"], "passed": report["passed"], "quarantined": report["quarantined"],
+              **{f"{k}/{s}": n for k, splits in passed.items() for s, n in splits.items()}}
     print(f"validate: {report['passed']} of {report['total']} samples passed, {report['quarantined']} quarantined "
-          f"({report['failure_rate']:.2%}; {clean.top_reasons(report)}) -> {out}")
-    return out
-
+          f"({report['failure_rate']:.2%}; {clean.top_reasons(report)}) -> {cfg.out}")
+    return Result(metrics=_metrics(report, time.perf_counter() - t0), counts=counts,
+                  artifacts=("report.json", "quarantine.jsonl", "data_docs"))

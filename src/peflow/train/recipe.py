@@ -78,6 +78,11 @@ def vanilla() -> Recipe:
 RECIPES = {"pe": pe, "vanilla": vanilla}
 
 
+def other_recipe(recipe: str) -> str:
+    """The recipe an ablation compares against: vanilla for pe, pe for vanilla."""
+    return "vanilla" if recipe == "pe" else "pe"
+
+
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")

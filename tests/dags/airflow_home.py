@@ -1,19 +1,16 @@
 """An isolated Airflow home (SQLite, migrated once per session) for DAG tests.
 
 Airflow reads its configuration at import time, so DAG tests run their Airflow
-code in a child process with this environment.
+code in a child process with this environment (`run_py`). The `airflow_env`
+fixture itself is in tests/conftest.py, so tests outside tests/dags use it too.
 """
 
 import subprocess
 
-import pytest
-
 from tests.helpers import BIN, ROOT, offline_env
 
 
-@pytest.fixture(scope="session")
-def airflow_env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("airflow")
+def make_airflow_env(home) -> dict:
     env = offline_env(
         AIRFLOW_HOME=str(home),
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
