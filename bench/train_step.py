@@ -127,7 +127,7 @@ def synthetic_batch(seed: int = 0) -> tuple[Any, Any]:
 
 
 def peflow_contender(recipe_name: str, *, compile: bool = False) -> tuple[Callable[[], None], Any]:
-    """peflow's training step (as `peflow.train.loop.train` runs it) on the tiny config.
+    """peflow's training step (as `peflow.train.trainer.fit` runs it with the CLIP objective) on the tiny config.
 
     `compile`: `torch.compile` on `clip_forward` (model + loss), as `peflow pretrain
     --compile` (`TrainPlan.compile`) runs it.
@@ -153,7 +153,7 @@ def peflow_contender(recipe_name: str, *, compile: bool = False) -> tuple[Callab
 
     def step() -> None:
         idx = mask = None
-        if recipe.mask_reg_fraction > 0:  # as loop._mask_plan: a fraction of the batch, 40% of patches
+        if recipe.mask_reg_fraction > 0:  # as ClipObjective._mask_plan: a fraction of the batch, 40% of patches
             n = max(recipe.mask_reg_min, round(recipe.mask_reg_fraction * BATCH))
             idx = torch.randperm(BATCH, generator=g)[:n].sort().values
             mask = patch_mask(n, IMAGE // 16, IMAGE // 16, recipe.mask_ratio, g)

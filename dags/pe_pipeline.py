@@ -97,7 +97,9 @@ def stage_task(t: orchestration.Task):
 
 
 @task(task_id="end_run", trigger_rule="all_done", retries=0, execution_timeout=timedelta(minutes=10))
-def end_run(parent_run_id: str, names: list[str]) -> dict:
+def end_run(parent_run_id: str | None, names: list[str]) -> dict:
+    if parent_run_id is None:
+        raise RuntimeError("start_run failed (its log says why): no pipeline run to close")
     ctx = get_current_context()
     cfg = _config()
     summaries = {n: ctx["ti"].xcom_pull(task_ids=n) for n in names}

@@ -11,14 +11,17 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Session fixtures publish into a store of their own, never the checkout's `.run/store`."""
-    saved = os.environ.get("PEFLOW_STORE")
+    """Session fixtures publish into a store of their own, never the checkout's `.run/store`, and
+    push no dataset into the checkout's DVC cache."""
+    saved = {k: os.environ.get(k) for k in ("PEFLOW_STORE", "PEFLOW_DVC_REPO")}
     os.environ["PEFLOW_STORE"] = str(tmp_path_factory.mktemp("session-store"))
+    os.environ["PEFLOW_DVC_REPO"] = ""  # datasets are pushed to no DVC repo (not the checkout's), unless a test says
     yield
-    if saved is None:
-        os.environ.pop("PEFLOW_STORE", None)
-    else:
-        os.environ["PEFLOW_STORE"] = saved
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(autouse=True)

@@ -249,10 +249,10 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
 
 def start_pipeline_run(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> str:
     """Open the parent MLflow run of a pipeline run; returns its id."""
+    resolve(cfg)  # every stage's config checked before anything starts (and before MLflow loads)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    resolve(cfg)  # every stage's config checked before anything starts
 
     experiment = tracking.set_experiment(tracking.tracking_uri(Path(cfg.out) / "_"), cfg.experiment)
     all_tags = {"peflow.preset": cfg.preset, "peflow.recipe": task_recipe(cfg, None), "peflow.git_commit": git_commit(), **(tags or {})}

@@ -167,8 +167,10 @@ def execute(stage: stages.Stage | str, cfg: Any, *, force: bool = False) -> Outc
     if int(os.environ.get("RANK", "0")) != 0:
         module.run(cfg, None)
         return None
-    metrics = _run_tracked(stage, module, cfg, inputs, key)
+    metrics, run_id = _run_tracked(stage, module, cfg, inputs, key)
     store.put(cfg.out, stage.name, key)
+    if stage.dataset:
+        _push_dataset(cfg.out, run_id)
     return Outcome(stage.name, str(cfg.out), key, True, None, time.monotonic() - t0, metrics)
 
 
@@ -176,7 +178,8 @@ def _metrics(out: Path) -> dict[str, Any]:
     return io.read_json(out / io.METRICS) if (out / io.METRICS).is_file() else {}
 
 
-def _run_tracked(stage: stages.Stage, module: Any, cfg: Any, inputs: dict[str, str], key: str) -> dict[str, float]:
+def _run_tracked(stage: stages.Stage, module: Any, cfg: Any, inputs: dict[str, str], key: str
+                 ) -> tuple[dict[str, float], str]:
     import mlflow
 
     from peflow import tracking
@@ -199,7 +202,26 @@ def _run_tracked(stage: stages.Stage, module: Any, cfg: Any, inputs: dict[str, s
             (mlflow.log_artifacts(str(path), artifact_path=name) if path.is_dir()
              else mlflow.log_artifact(str(path)))
         _registry(stage, result, manifest, inputs, run.info.run_id)
-    return result.metrics
+    return result.metrics, run.info.run_id
+
+
+def _push_dataset(out: str, run_id: str) -> None:
+    """A dataset output into DVC (peflow.datasets); its md5 on the stage run as `dvc.output.md5`.
+    A push that fails warns: the output is published and in the store either way."""
+    import warnings
+
+    from mlflow import MlflowClient
+
+    from peflow import datasets
+
+    try:
+        md5 = datasets.push(out)
+    except Exception as e:  # noqa: BLE001  (a remote that cannot be reached must not undo the stage)
+        warnings.warn(f"dataset {out} not pushed to DVC ({type(e).__name__}: {e})", stacklevel=2)
+        return
+    if md5 is not None:
+        MlflowClient().set_tag(run_id, "dvc.output.md5", md5)
+        print(f"dvc: {out} -> {md5} (pushed; pointer {out}.dvc)")
 
 
 def _default_artifacts(folder: Path) -> list[str]:

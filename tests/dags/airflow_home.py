@@ -16,6 +16,7 @@ def make_airflow_env(home) -> dict:
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
         PEFLOW_HOME=str(home / "peflow"),
+        PEFLOW_STORE=str(home / "peflow" / "store"),  # its own output store, shared by nothing else
     )
     subprocess.run([BIN / "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     return env

@@ -7,7 +7,6 @@ server, and look at it in headless Chromium."""
 import contextlib
 import os
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -26,7 +25,7 @@ ENV_KEYS = ("PEFLOW_HOME", "PEFLOW_AIRFLOW_PORT", "PEFLOW_MLFLOW_PORT")
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("peflow_home")
     env = offline_env(PEFLOW_HOME=str(home), PEFLOW_AIRFLOW_PORT=str(free_port()),
-                      PEFLOW_MLFLOW_PORT=str(free_port()))
+                      PEFLOW_MLFLOW_PORT=str(free_port()), PEFLOW_STORE=str(home / "store"))  # its own store
     py = str(BIN / "python")
     up = subprocess.run([py, "-m", "peflow.services", "up"], env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
@@ -49,13 +48,58 @@ def pipeline_run(stack, tiny_corpus):
     api.wait_for_dag("pe_pipeline")
     run_id = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "nodes": "2x1",
                                          "ablation": True})
-    deadline = time.monotonic() + 1200
-    state = "queued"
-    while time.monotonic() < deadline and state not in ("success", "failed"):
-        time.sleep(3)
-        state = api.dag_run("pe_pipeline", run_id)["state"]
+    state = api.wait_run("pe_pipeline", run_id)["state"]
     tis = {t["task_id"]: t["state"] for t in api.task_instances("pe_pipeline", run_id)}
     return run_id, state, tis
+
+
+def _seconds(run: dict) -> float:
+    from datetime import datetime
+
+    start, end = (datetime.fromisoformat(run[k].replace("Z", "+00:00")) for k in ("start_date", "end_date"))
+    return (end - start).total_seconds()
+
+
+def test_a_new_run_with_stage_evaluate_reruns_only_evaluate(stack, pipeline_run, tiny_corpus):
+    """A second DAG run from the form, `stage: evaluate`: a fresh run folder, the upstream outputs
+    reused from the first run's (through the output store), evaluate (and its ablation twin) rerun."""
+    run_id, state, _ = pipeline_run
+    assert state == "success"
+    api = AirflowAPI(stack.airflow_url(), "admin", stack.airflow_password())
+    second = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "stage": "evaluate",
+                                         "ablation": True})
+    run = api.wait_run("pe_pipeline", second)
+    tis = {t["task_id"]: t for t in api.task_instances("pe_pipeline", second)}
+    assert run["state"] == "success", {k: t["state"] for k, t in tis.items()}
+    durations = {k: round(t["duration"] or 0, 1) for k, t in tis.items()}
+    print(f"stage-evaluate run: {_seconds(run):.0f}s, task durations {durations}")
+    summaries = {t: api.xcom("pe_pipeline", second, t) for t in ("validate", "pretrain", "evaluate",
+                                                                  "pretrain_ablation", "evaluate_ablation")}
+    ran = {t: (s["ran"], s["reused"]) for t, s in summaries.items()}
+    assert ran == {"validate": (False, "store"), "pretrain": (False, "store"), "evaluate": (True, None),
+                   "pretrain_ablation": (False, "store"), "evaluate_ablation": (True, None)}, ran
+    first = api.xcom("pe_pipeline", run_id, "evaluate")
+    assert summaries["evaluate"]["out"] != first["out"] and summaries["evaluate"]["metrics"] == first["metrics"]
+    assert all(t["try_number"] == 1 for t in tis.values())
+
+
+def test_a_bad_field_fails_at_once_without_retries(stack, pipeline_run, tiny_corpus):
+    api = AirflowAPI(stack.airflow_url(), "admin", stack.airflow_password())
+    bad = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus),
+                                      "overrides": "pretrain.stepz=3"})
+    run = api.wait_run("pe_pipeline", bad, timeout=300, poll=1)
+    tis = {t["task_id"]: t for t in api.task_instances("pe_pipeline", bad)}
+    assert run["state"] == "failed"
+    start = tis["start_run"]
+    assert start["state"] == "failed" and start["try_number"] == 1, start  # not retried
+    assert start["duration"] < 10, start["duration"]
+    assert {tis[t]["state"] for t in ("validate", "pretrain", "evaluate")} == {"upstream_failed"}
+    print(f"bad-field run: failed in {_seconds(run):.0f}s, start_run {start['duration']:.1f}s")
+    log = _logs(stack, bad)
+    assert "pretrain" in log and "stepz" in log, log[-2000:]
+    # A preset outside the form's enum is refused at trigger time, naming the parameter.
+    with pytest.raises(RuntimeError, match="preset"):
+        api.trigger("pe_pipeline", {"preset": "huge"})
 
 
 def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
@@ -125,7 +169,7 @@ def test_browser_trigger_form_and_grid(stack, pipeline_run):
         text = form.inner_text()
         page.screenshot(path=str(ARTIFACTS / "airflow-trigger-form.png"))
         for title in ("Preset", "Data source", "Scheduler", "Nodes", "Stage", "Recipe", "Seed", "Experiment",
-                      "Max failure rate", "Ablation"):
+                      "Max failure rate", "Ablation", "Steps", "Overrides"):
             assert title in text, f"Params form lacks {title!r}"
         page.keyboard.press("Escape")
 

@@ -51,3 +51,38 @@ def test_repro_push_pull_from_a_clean_clone(tmp_path):
     sh(BIN / "dvc", "pull", "synth", cwd=clone, env=env)
     assert io.tree_hashes(clone / "data" / "synth", exclude=()) == made
     assert "up to date" in sh(BIN / "dvc", "status", "synth", cwd=clone, env=env).lower()
+
+
+def test_a_runs_dataset_is_pushed_and_pulled_back(tmp_path, tiny_corpus, monkeypatch):
+    """A dataset stage's output goes into the DVC repo's cache and remote; its pointer file brings
+    it back with `dvc pull` in another clone of the repo."""
+    from peflow import runner
+    from peflow.stages import validate
+
+    env = offline_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                      GIT_COMMITTER_EMAIL="t@t")
+    repo, other, remote = tmp_path / "repo", tmp_path / "other", tmp_path / "remote"
+    for r in (repo, other):
+        r.mkdir()
+        sh("git", "init", "-q", cwd=r, env=env)
+        sh(BIN / "dvc", "init", "-q", cwd=r, env=env)
+        sh(BIN / "dvc", "remote", "add", "-d", "local", remote, cwd=r, env=env)
+    monkeypatch.setenv("PEFLOW_DVC_REPO", str(repo))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "run" / "validate"
+    runner.execute("validate", validate.Config(data=str(tiny_corpus), out=str(out)))
+    pointer = yaml.safe_load((tmp_path / "run" / "validate.dvc").read_text())
+    (entry,) = pointer["outs"]
+    assert entry["md5"] == io.dvc_md5(out) and entry["md5"].endswith(".dir") and entry["path"] == "validate"
+    assert (remote / "files" / "md5" / entry["md5"][:2] / entry["md5"][2:]).is_file()
+
+    import mlflow
+
+    run = mlflow.search_runs(experiment_names=["peflow"], output_format="list",
+                             filter_string="tags.`peflow.stage` = 'validate'")[0]
+    assert run.data.tags["dvc.output.md5"] == entry["md5"]
+
+    (other / "data").mkdir()
+    shutil.copy(tmp_path / "run" / "validate.dvc", other / "data" / "validate.dvc")
+    sh(BIN / "dvc", "pull", "data/validate.dvc", cwd=other, env=env)
+    assert io.tree_hashes(other / "data" / "validate", exclude=()) == io.tree_hashes(out, exclude=())

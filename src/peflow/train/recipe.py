@@ -14,8 +14,9 @@ full PE recipe are each one name away, and an ablation is one field changed:
   patches masked, the copy's output tokens pulled to the clean image's
   (stop-gradient target) by 1 - cosine; the copies never enter the CLIP loss.
 
-The step budget (steps, global batch, lr, resolutions) is set per model
-preset by `default_budget`: the CPU presets are tuned to learn within minutes.
+The step budget (steps, global batch, lr, resolutions, crop scale) is part of
+the pretrain stage's config, set by the pipeline presets (peflow.presets): the
+CPU presets are tuned to learn within minutes.
 """
 
 from __future__ import annotations
@@ -87,54 +88,6 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
     return RECIPES[name]()
-
-
-@dataclass(frozen=True, kw_only=True)
-class Budget:
-    """How long and how wide a run is, per model preset."""
-
-    steps: int
-    global_batch: int
-    resolutions: str  #: progressive resolution, "res:fraction,..."; the last is the final resolution
-    lr_scale: float = 1.0  #: multiplies the recipe's lr (small batches want a different lr)
-    #: peak lr per recipe for this budget, overriding recipe lr x lr_scale (measured on CPU runs)
-    lr_by_recipe: tuple[tuple[str, float], ...] = ()
-    #: the augmentation crop scale for this budget (None: the recipe's (0.08, 1)). At a few
-    #: thousand 64 px images and minutes of training, crops down to 8% of the image leave
-    #: captions that no longer describe their crop and the run does not learn; at scale the
-    #: paper's (0.08, 1) applies.
-    crop_scale: tuple[float, float] | None = None
-
-
-_BUDGETS: dict[str, Budget] = {
-    # Tuned on 2 CPU cores, nano corpus (24,000 training images), vanilla recipe, batch 64, one
-    # process: zero-shot top-1 (test) of the nano model 35% at 1000 steps; of the 4-block micro
-    # 28% at 500 steps, 37% at 1000, 34% at 3000: the curve is flat after about 1000 steps.
-    # Through TorchX, 2 processes, 2000 steps: vanilla 34.4% in 338 s, pe 23.4% in 523 s. Earlier findings (width-128 nano, 4,000 images): LAMB at 4e-3 learned
-    # slower than at 1e-3; crops down to 8% did not learn; AdamW at 2e-3 stalled at ln(batch).
-    "nano": Budget(steps=2000, global_batch=64, resolutions="48:0.5,64:0.5",
-                   lr_by_recipe=(("pe", 1e-3), ("vanilla", 1e-3)), crop_scale=(0.5, 1.0)),
-    # The `test` pipeline preset (CI): seconds, not learning.
-    "test": Budget(steps=20, global_batch=32, resolutions="32:1.0"),
-    "micro": Budget(steps=300, global_batch=64, resolutions="32:0.5,64:0.5", lr_scale=1.0),
-    "small-cpu": Budget(steps=2000, global_batch=256, resolutions="64:0.4,96:0.35,128:0.25"),
-    # Paper: 443K steps at batch 131,072; B 112-160-224, L 98-154-224-336 (ablation 10/8/4/2 parts).
-    "pe-core-t16": Budget(steps=443_000, global_batch=131_072, resolutions="224:0.42,288:0.33,384:0.25"),
-    "pe-core-s16": Budget(steps=443_000, global_batch=131_072, resolutions="224:0.42,288:0.33,384:0.25"),
-    "pe-core-b16": Budget(steps=443_000, global_batch=131_072, resolutions="112:0.42,160:0.33,224:0.25"),
-    "pe-core-l14": Budget(steps=443_000, global_batch=131_072, resolutions="98:0.42,154:0.33,224:0.17,336:0.08"),
-    "pe-core-g14": Budget(steps=656_000, global_batch=131_072,
-                          resolutions="98:0.42,154:0.25,224:0.17,336:0.08,448:0.08"),
-}
-for _alias, _name in {"T": "pe-core-t16", "S": "pe-core-s16", "B": "pe-core-b16", "L": "pe-core-l14",
-                      "G": "pe-core-g14"}.items():
-    _BUDGETS[_alias] = _BUDGETS[_name]
-
-
-def default_budget(model_preset: str) -> Budget:
-    if model_preset not in _BUDGETS:
-        raise ValueError(f"no training budget for model preset {model_preset!r}; known: {sorted(_BUDGETS)}")
-    return _BUDGETS[model_preset]
 
 
 def parse_resolutions(spec: str) -> list[tuple[int, float]]:
