@@ -33,9 +33,9 @@ def free_port() -> int:
 
 def build_app(stage: str, stage_args: list[str], **component_args: Any) -> specs.AppDef:
     """The AppDef of a registered stage: the generic component (`components/stage.py:stage`)."""
-    from components.stage import stage_app
+    from components.stage import stage as component
 
-    return stage_app(stage, stage_args, **component_args)
+    return component(*stage_args, name=stage, **component_args)
 
 
 def scheduler_cfg(scheduler: str, *, queue: str, namespace: str, log_dir: str | None) -> dict[str, Any]:

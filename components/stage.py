@@ -53,25 +53,6 @@ def stage(
         max_retries: scheduler-level retries (training resumes from its last checkpoint)
         env: extra environment variables
     """
-    return stage_app(name, list(stage_args), image=image, j=j, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-                     rdzv_port=rdzv_port, max_retries=max_retries, env=env)
-
-
-def stage_app(
-    name: str,
-    stage_args: List[str],
-    *,
-    image: str = IMAGE,
-    j: str = "2x1",
-    cpu: Optional[int] = None,
-    gpu: Optional[int] = None,
-    memMB: Optional[int] = None,
-    h: Optional[str] = None,
-    rdzv_port: int = 29500,
-    max_retries: int = 0,
-    env: Optional[Dict[str, str]] = None,
-) -> specs.AppDef:
-    """The AppDef of stage `name` (see `stage`); unset resources come from its registry entry."""
     res = stages.get(name).resources
     cpu = res.get("cpu", 2) if cpu is None else cpu
     gpu = res.get("gpu", 0) if gpu is None else gpu

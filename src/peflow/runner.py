@@ -123,26 +123,29 @@ def _key(stage: stages.Stage, cfg: Any) -> tuple[str, dict[str, str]]:
     return output_key(stage, cfg, inputs), inputs
 
 
-def reuse(stage: stages.Stage | str, cfg: Any, *, quiet: bool = False) -> Outcome | None:
+def reuse(stage: stages.Stage | str, cfg: Any) -> Outcome | None:
     """The stage's output for `cfg` without running it: its output folder when it holds this key,
     else the store's entry (published at `cfg.out`); None when neither has it."""
     stage = stages.get(stage) if isinstance(stage, str) else stage
-    t0 = time.monotonic()
     check(stage, cfg)
-    key, _ = _key(stage, cfg)
+    return _reuse(stage, cfg, _key(stage, cfg)[0], time.monotonic())
+
+
+def _reuse(stage: stages.Stage, cfg: Any, key: str, t0: float) -> Outcome | None:
     out = Path(cfg.out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     if _existing_key(out) == key:
-        how = "up-to-date"
+        how = "is up to date"
     elif (found := store.find(stage.name, key)) is not None:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             store.materialize(found, out)
-        how = "store"
+        how = f"reused from the store ({found})"
     else:
         return None
-    if not quiet and int(os.environ.get("RANK", "0")) == 0:
-        print(f"peflow {stage.name}: output {key[:12]} " + ("is up to date" if how == "up-to-date" else
-              f"reused from the store ({found})") + f" -> {out}")
-    return Outcome(stage.name, str(out), key, False, how, time.monotonic() - t0, _metrics(out))
+    if rank0:
+        print(f"peflow {stage.name}: output {key[:12]} {how} -> {out}")
+    reused = "up-to-date" if how == "is up to date" else "store"
+    return Outcome(stage.name, str(out), key, False, reused, time.monotonic() - t0, _metrics(out))
 
 
 def published(stage: stages.Stage, out: str | Path) -> Outcome:
@@ -158,11 +161,11 @@ def execute(stage: stages.Stage | str, cfg: Any, *, force: bool = False) -> Outc
     """Run one stage (or reuse its output unless `force`); see the module docstring.
     Returns None on ranks > 0."""
     stage = stages.get(stage) if isinstance(stage, str) else stage
-    if not force and (outcome := reuse(stage, cfg)) is not None:
-        return outcome
     t0 = time.monotonic()
     check(stage, cfg)
     key, inputs = _key(stage, cfg)
+    if not force and (outcome := _reuse(stage, cfg, key, t0)) is not None:
+        return outcome
     module = stage.load()
     if int(os.environ.get("RANK", "0")) != 0:
         module.run(cfg, None)

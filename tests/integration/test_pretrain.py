@@ -17,7 +17,8 @@ import pytest
 from tests.helpers import ROOT, free_port, offline_env
 
 # Tiny but real: micro model, 2 processes, progressive resolution and mask regularization on.
-TINY = ["--preset", "test", "--model", "micro", "--recipe", "pe", "--steps", "8", "--global-batch", "16", "--resolutions",
+# --force: the killed run has the full run's key, and would otherwise be reused from the store.
+TINY = ["--force", "--preset", "test", "--model", "micro", "--recipe", "pe", "--steps", "8", "--global-batch", "16", "--resolutions",
         "16:0.5,32:0.5", "--checkpoint-every", "2", "--eval-splits", "", "--no-log-model", "--no-progress"]
 
 

@@ -7,7 +7,7 @@ import torchx.specs as specs
 import yaml
 
 from components import launch
-from components.stage import stage_app
+from components.stage import stage as stage_component
 from peflow import stages
 
 DISTRIBUTED = [s.name for s in stages.all_stages() if s.distributed]
@@ -27,11 +27,11 @@ def test_every_distributed_stage_builds_through_the_generic_component(name):
 
 
 def test_stage_app_resources_and_env():
-    app = stage_app("synth", ["--preset", "test"], j="4x8", gpu=8, cpu=64, memMB=400_000)
+    app = stage_component("--preset", "test", name="synth", j="4x8", gpu=8, cpu=64, memMB=400_000)
     (role,) = app.roles
     assert role.resource.gpu == 8 and role.resource.cpu == 64
     assert role.env["NCCL_DEBUG"] == "WARN" and role.env["OMP_NUM_THREADS"] == "8"
-    cpu_only = stage_app("synth", [], j="2x1", cpu=2)
+    cpu_only = stage_component(name="synth", j="2x1", cpu=2)
     assert "NCCL_DEBUG" not in cpu_only.roles[0].env
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peflow.models import build_model, get_tokenizer, load_model
+from peflow.models import get_tokenizer, load_model
 from peflow.models.pe import encode_layers
 
 # PE-Core-T16-384 (research section 1.1 and 1.4).

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def _model_presets() -> list[str]:
-    from peflow.models.pe import MODEL_PRESETS
+    from peflow.models.presets import MODEL_PRESETS
 
     return sorted(MODEL_PRESETS)
 

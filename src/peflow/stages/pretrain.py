@@ -30,7 +30,7 @@ from peflow.stages.base import Result
 
 
 def _model_presets() -> list[str]:
-    from peflow.models.pe import MODEL_PRESETS
+    from peflow.models.presets import MODEL_PRESETS
 
     return sorted(MODEL_PRESETS)
 
