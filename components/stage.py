@@ -7,7 +7,7 @@ Resources default to the stage's registry entry (peflow.stages).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torchx.specs as specs
 from torchx.components import dist
