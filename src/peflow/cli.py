@@ -19,10 +19,12 @@ DEFAULT_PRESET = "nano"
 
 
 def _option(name: str, typ: type, default: Any, help: str, *, optional: bool) -> inspect.Parameter:
+    """One keyword-only typer option `--name` (`--name/--no-name` for a bool); `...` as default: required."""
     flag = "--" + name.replace("_", "-")
     decls = [f"{flag}/--no-{name.replace('_', '-')}"] if typ is bool else [flag]
+    show = default is not None and default is not ...
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=typ | None if optional else typ,
-                             default=typer.Option(default, *decls, help=help, show_default=default is not None))
+                             default=typer.Option(default, *decls, help=help, show_default=show))
 
 
 def _fail(prog: str, e: Exception) -> None:
@@ -87,16 +89,11 @@ def _config_command(cls: type, call: Any, doc: str) -> Any:
     """A typer callback whose options are the fields of the dataclass `cls` (with its defaults)."""
     params = []
     for f, tp in resolved_fields(cls):
-        typ = base_type(tp)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         choices = field_choices(f)
         help = field_help(f) + (f" (one of {', '.join(choices)})" if choices else "")
-        params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ if required or f.default is not None else typ | None,
-            default=typer.Option(... if required else f.default,
-                                 *([f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"] if typ is bool
-                                   else [f"--{f.name.replace('_', '-')}"]),
-                                 help=help, show_default=not required)))
+        params.append(_option(f.name, base_type(tp), ... if required else f.default, help,
+                              optional=not required and f.default is None))
 
     def command(**kwargs: Any) -> None:
         try:

@@ -112,16 +112,6 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# Options that do not change what a stage writes: where it lands, how many
-# processes make it, where it is tracked.
-NOT_CONFIG = ("out", "workers", "threads", "experiment", "tracking_uri")
-
-
-def _location_free(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config minus the options that cannot change the output (NOT_CONFIG)."""
-    return {k: v for k, v in config.items() if k not in NOT_CONFIG}
-
-
 def write_manifest(
     out_dir: str | Path,
     *,
@@ -137,7 +127,7 @@ def write_manifest(
     manifest = {
         "stage": stage,
         "key": key,
-        "config": _location_free(config),
+        "config": dict(config),
         "inputs": dict(inputs or {}),
         "counts": dict(counts or {}),
         "outputs": outputs,

@@ -66,8 +66,7 @@ class RunConfig:
             value, choices = getattr(self, name), config.field_choices(_field(name))
             if value is not None and value not in choices:
                 raise ConfigError(f"{name}: {value!r} is not one of {choices}")
-        for name in self.selected():
-            stages.get(name)
+        self.selected()  # unknown stage names raise here
 
     def selected(self) -> list[str]:
         """The stages this run executes (every stage for 'all')."""

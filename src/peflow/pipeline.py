@@ -12,6 +12,7 @@ or the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,6 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:
 
 def stage_params(stage: stages.Stage, cfg: Any) -> dict[str, Any]:
     """The fields of a stage config DVC tracks: those in the output key, without wiring and unset values."""
-    import dataclasses
-
     wiring = {runner.OUT, *(f for f, _ in stage.inputs)}
     return {f.name.replace("_", "-"): getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if in_key(f) and f.name not in wiring and getattr(cfg, f.name) not in (None, "")}

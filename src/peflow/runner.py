@@ -89,11 +89,16 @@ def code_version(stage: stages.Stage) -> str:
     return _CODE[stage.name]
 
 
+def key_config(stage: stages.Stage, cfg: Any) -> dict[str, Any]:
+    """The config fields that can change the output (`opt(key=...)`), less the wiring (out, inputs):
+    what the output key hashes and the manifest records."""
+    paths = set(input_fields(stage, cfg)) | {OUT}
+    return {k: v for k, v in key_dict(cfg).items() if k not in paths}
+
+
 def output_key(stage: stages.Stage, cfg: Any, inputs: Mapping[str, str]) -> str:
     """The key of the output `cfg` makes from `inputs`: config (less wiring), input digests, code."""
-    paths = set(input_fields(stage, cfg)) | {OUT}
-    config = {k: v for k, v in key_dict(cfg).items() if k not in paths}
-    doc = {"stage": stage.name, "config": config, "inputs": dict(sorted(inputs.items())),
+    doc = {"stage": stage.name, "config": key_config(stage, cfg), "inputs": dict(sorted(inputs.items())),
            "code": code_version(stage)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -195,7 +200,8 @@ def _run_tracked(stage: stages.Stage, module: Any, cfg: Any, inputs: dict[str, s
         if not isinstance(result, Result):
             raise TypeError(f"{stage.module}.run returned {type(result).__name__}, not runner.Result")
         io.write_json_atomic(staging / io.METRICS, result.metrics)
-        manifest = io.write_manifest(staging, stage=stage.name, key=key, config={**config, **result.resolved},
+        manifest = io.write_manifest(staging, stage=stage.name, key=key,
+                                     config={**key_config(stage, cfg), **result.resolved},
                                      inputs=inputs, counts=result.counts)
         if result.tags:
             mlflow.set_tags(result.tags)
