@@ -79,14 +79,16 @@ def stage_task(t: orchestration.Task):
     stage = stages.get(t.stage)
     out = asset(t)
 
-    @task(task_id=t.id, doc_md=stage.summary + (" (ablation: the other recipe)" if t.variant else ""),
-          outlets=[out])
+    doc = stage.summary + (f" (variant {t.variant}: {stages.get_variant(t.variant).summary})" if t.variant else "")
+
+    @task(task_id=t.id, doc_md=doc, outlets=[out])
     @fail_fast
     def run(parent_run_id: str) -> dict:
         ctx = get_current_context()
         cfg = _config()
         if not orchestration.active(cfg, t):
-            raise AirflowSkipException("not in this run (Param `ablation`, or an external data source)")
+            why = f"Param `{stages.get_variant(t.variant).param}` is off" if t.variant else "an external data source"
+            raise AirflowSkipException(f"not in this run ({why})")
         launch = _torchx_launch(t.id) if stage.distributed else orchestration.launch_subprocess
         summary = orchestration.run_stage(t.stage, cfg, parent_run_id=parent_run_id, launch=launch,
                                           variant=t.variant)
@@ -113,7 +115,8 @@ def end_run(parent_run_id: str | None, names: list[str]) -> dict:
 
 @dag(
     dag_id="pe_pipeline",
-    description="Perception Encoder pipeline: corpus, validation, pretraining, evaluation",
+    description="Perception Encoder pipeline: corpus, validation, pretraining, video data engine, video "
+                "finetuning, evaluation",
     schedule=None,
     start_date=datetime(2025, 1, 1),
     catchup=False,

@@ -140,19 +140,20 @@ def named_runs(client: Any, run_ids: Sequence[str], experiment: str) -> list[Any
 
 def _stage_metrics(run: Any) -> dict[str, float]:
     """A stage run's metrics under the names the pipeline run gives them (`evaluate/...`,
-    `ablation/evaluate/...` for a stage run of the ablation variant, found by its output folder)."""
-    from peflow.stages import ABLATION, metric_key
+    `ablation/evaluate/...` for a stage run of a variant, found by its output folder OUT/<variant>/<stage>)."""
+    from peflow.stages import metric_key, variants
 
     stage = run.data.tags["peflow.stage"]
-    variant = ABLATION if Path(run.data.params.get("out", "")).parent.name == ABLATION else None
+    parent = Path(run.data.params.get("out", "")).parent.name
+    variant = parent if parent in {v.name for v in variants()} else None
     return {metric_key({"stage": stage, "variant": variant}, k): v for k, v in run.data.metrics.items()}
 
 
 def rows(client: Any, run: Any) -> list[Row]:
     """A run as table rows: a stage run's metrics prefixed by its stage; a pipeline run's metrics
-    (those missing, e.g. while it runs, filled in from its stage runs), and a second row for its
-    ablation variant when it has one."""
-    from peflow.stages import ABLATION
+    (those missing, e.g. while it runs, filled in from its stage runs), and a row for each variant
+    it has (the recipe ablation, the engine ablation)."""
+    from peflow.stages import ABLATION, variants
     from peflow.train.recipe import other_recipe
 
     tags, params = run.data.tags, run.data.params
@@ -169,14 +170,18 @@ def rows(client: Any, run: Any) -> list[Row]:
         metrics.update(run.data.metrics)
     start = datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
     recipe = tags.get("peflow.recipe") or params.get("recipe", "")
-    plain = {k: v for k, v in metrics.items() if not k.startswith(f"{ABLATION}/")}
-    varied = {k.removeprefix(f"{ABLATION}/"): v for k, v in metrics.items() if k.startswith(f"{ABLATION}/")}
+    names = [v.name for v in variants()]
+    plain = {k: v for k, v in metrics.items() if k.split("/", 1)[0] not in names}
     main = Row(run_id=run.info.run_id, name=run.info.run_name or "", start=start, status=run.info.status,
                recipe=recipe, preset=tags.get("peflow.preset") or params.get("preset", ""), metrics=plain)
-    out = [main] if plain or not varied else []
-    if varied:  # a stage run of the ablation already names its own recipe
-        out.append(dataclasses.replace(main, name=f"{main.name} ({ABLATION})", variant=ABLATION, metrics=varied,
-                                       recipe=other_recipe(recipe) if recipe and not is_stage else recipe))
+    varied = {n: {k.removeprefix(f"{n}/"): v for k, v in metrics.items() if k.startswith(f"{n}/")} for n in names}
+    out = [main] if plain or not any(varied.values()) else []
+    for name, m in varied.items():
+        if not m:
+            continue
+        # a stage run of a variant already names its own recipe; only the recipe ablation changes it
+        other = other_recipe(recipe) if recipe and not is_stage and name == ABLATION else recipe
+        out.append(dataclasses.replace(main, name=f"{main.name} ({name})", variant=name, metrics=m, recipe=other))
     return out
 
 

@@ -60,6 +60,9 @@ class RunConfig:
     experiment: str = opt("peflow", "MLflow experiment name")
     ablation: bool = opt(False, "also train and evaluate the other recipe (vanilla <-> pe) at the same budget, "
                                 "under OUT/ablation/; the report puts the two side by side")
+    engine_ablation: bool = opt(False, "also finetune on video titles and descriptions instead of the engine's "
+                                       "captions (paper Tab. 2), under OUT/metadata/; the report puts them side "
+                                       "by side with the image-only model")
 
     def __post_init__(self) -> None:
         for name in ("preset", "scheduler", "recipe"):
@@ -81,6 +84,10 @@ class RunConfig:
         """Whether stage `name` was named in `stage` (it reruns even when its output could be reused)."""
         return name in [s.strip() for s in self.stage.split(",")]
 
+    def variants(self) -> list[str]:
+        """The variants this run has (those whose `param` is set)."""
+        return [v.name for v in stages.variants() if getattr(self, v.param, False)]
+
     def pipeline(self) -> presets.Pipeline:
         return presets.get(self.preset)
 
@@ -94,7 +101,7 @@ def _field(name: str) -> dataclasses.Field:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One task of a pipeline run: a stage, or its ablation variant."""
+    """One task of a pipeline run: a stage, or a variant's version of it (peflow.stages.Variant)."""
 
     stage: str
     variant: str | None = None
@@ -105,20 +112,33 @@ class Task:
         return self.stage if self.variant is None else f"{self.stage}_{self.variant}"
 
     @property
+    def inputs(self) -> list[tuple[str, Task | None]]:
+        """(input field, the task whose output it reads) per input: a variant task reads its variant's version
+        of an upstream the variant remakes, and nothing (None: left empty) of one it leaves stale."""
+        v = stages.get_variant(self.variant) if self.variant else None
+        out: list[tuple[str, Task | None]] = []
+        for field, up in stages.get(self.stage).inputs:
+            if v is not None and up in v.stages():
+                out.append((field, Task(up, self.variant)))
+            else:
+                out.append((field, None if v is not None and up in v.stale() else Task(up)))
+        return out
+
+    @property
     def upstream(self) -> list[Task]:
-        """The tasks whose outputs this one reads (an ablation task reads its upstream's variant if any)."""
-        varied = stages.ablation_stages() if self.variant else []
-        return [Task(up, self.variant if up in varied else None) for up in stages.get(self.stage).needs]
+        """The tasks whose outputs this one reads."""
+        return list(dict.fromkeys(t for _, t in self.inputs if t is not None))
 
 
 def tasks() -> list[Task]:
-    """Every task a pipeline run may execute, in a valid order: the stages, then their ablation variants."""
-    return [Task(s.name) for s in stages.all_stages()] + [Task(n, ABLATION) for n in stages.ablation_stages()]
+    """Every task a pipeline run may execute, in a valid order: the stages, then each variant's tasks."""
+    return [Task(s.name) for s in stages.all_stages()] + [Task(n, v.name) for v in stages.variants()
+                                                          for n in v.stages()]
 
 
 def active(cfg: RunConfig, t: Task) -> bool:
-    """Whether the run has task `t`: ablation variants only in an ablation."""
-    return cfg.ablation or t.variant is None
+    """Whether the run has task `t`: a variant's tasks only when the run has that variant."""
+    return t.variant is None or t.variant in cfg.variants()
 
 
 def external(cfg: RunConfig, t: Task) -> bool:
@@ -161,11 +181,12 @@ def task_config(cfg: RunConfig, t: Task, pipeline: presets.Pipeline | None = Non
     fields = {f.name for f in dataclasses.fields(base)}
     changes: dict[str, Any] = {k: getattr(cfg, k) for k in SHORTCUTS if k in fields and getattr(cfg, k) is not None}
     changes.update(parse_overrides(cfg.overrides).get(t.stage, {}))
-    if t.variant == ABLATION and "recipe" in fields:
-        changes["recipe"] = other_recipe(changes.get("recipe", base.recipe))
+    if t.variant is not None and t.stage in stages.get_variant(t.variant).roots:
+        main = config.replace(base, changes, where=t.stage)
+        changes.update(stages.get_variant(t.variant).change(t.stage, main))
     changes["out"] = str(stage_dir(cfg, t.stage, t.variant))
-    for (field, _), up in zip(stage.inputs, t.upstream, strict=True):
-        changes[field] = str(stage_dir(cfg, up.stage, up.variant))
+    for field, up in t.inputs:
+        changes[field] = "" if up is None else str(stage_dir(cfg, up.stage, up.variant))
     stage_cfg = config.replace(base, changes, where=t.id)
     runner.check(stage, stage_cfg)
     return stage_cfg
@@ -176,8 +197,9 @@ def resolve(cfg: RunConfig) -> dict[str, Any]:
     ConfigError before any stage runs."""
     pipeline = cfg.pipeline()
     cfg.selected()
-    if cfg.ablation and not stages.ablation_stages():
-        raise ConfigError("ablation: no registered stage takes a recipe")
+    for v in stages.variants():
+        if getattr(cfg, v.param, False) and not v.stages():
+            raise ConfigError(f"{v.param}: no registered stage for variant {v.name!r} to vary")
     return {t.id: task_config(cfg, t, pipeline) for t in tasks() if active(cfg, t) and not external(cfg, t)}
 
 
@@ -218,8 +240,9 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
     stage = stages.get(name)
     task = Task(name, variant)
     t0 = time.monotonic()
-    if variant is not None and not cfg.ablation:
-        raise ConfigError(f"task {task.id}: this run has no ablation (set ablation)")
+    if variant is not None and variant not in cfg.variants():
+        v = stages.get_variant(variant)
+        raise ConfigError(f"task {task.id}: this run has no {variant} variant (set {v.param})")
     if external(cfg, task):
         source = stage_dir(cfg, name)
         if not source.is_dir():
@@ -240,7 +263,7 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
             outcome = runner.published(stage, stage_cfg.out)
         elif outcome is None:
             outcome = runner.execute(stage, stage_cfg, force=force)
-    recipe = getattr(stage_cfg, "recipe", None) if name in stages.ablation_stages() else None
+    recipe = getattr(stage_cfg, "recipe", None) if stage.ablation else None
     return {"stage": name, "task": task.id, "variant": variant, "recipe": recipe, "out": outcome.out,
             "key": outcome.key, "ran": outcome.ran, "reused": outcome.reused,
             "seconds": round(time.monotonic() - t0, 2), "metrics": outcome.metrics}

@@ -47,7 +47,8 @@ class Pipeline:
 
 def nano() -> Pipeline:
     """The embedded default: the nano corpus and model, about 10 minutes end to end on 2 CPU cores."""
-    from peflow.stages import evaluate, pretrain, synth, validate
+    from peflow.stages import caption, evaluate, finetune_video, pretrain, synth, train_captioner, validate
+    from peflow.stages import validate_captions
 
     return Pipeline(name="nano", nodes="2x1", configs={
         "synth": synth.Config(corpus="nano", seed=0),
@@ -59,7 +60,15 @@ def nano() -> Pipeline:
         # AdamW at 2e-3 stalled at ln(batch).
         "pretrain": pretrain.Config(model="nano", recipe="pe", steps=2000, global_batch=64, lr=1e-3,
                                     resolutions="48:0.5,64:0.5", crop_scale_min=0.5, seed=0),
-        "evaluate": evaluate.Config(probes=True, probe_train=2000, probe_test=500),
+        # The engine, measured on 2 CPU cores (nano corpus, 960 human-captioned train videos): the
+        # captioner reading block 2 of the nano tower named the action in 47% of held-out videos after
+        # 800 refined steps (block 6: 33%; a 4-layer LM: 44%, slower); with 480 human captions, 35%.
+        "train-captioner": train_captioner.Config(layer=2, frames=8, base_steps=300, refined_steps=800,
+                                                  base_images=4000, global_batch=32, lr=2e-3),
+        "caption": caption.Config(frames=8, key_frames=3, summarizer="rules"),
+        "validate-captions": validate_captions.Config(max_failure_rate=0.05),
+        "finetune-video": finetune_video.Config(captions="engine", frames=8, steps=200, global_batch=32, lr=2e-4),
+        "evaluate": evaluate.Config(probes=True, probe_train=2000, probe_test=500, video_frames=8),
     })
 
 
@@ -68,7 +77,15 @@ def test() -> Pipeline:
     return nano().derive("test", synth={"corpus": "test"},
                          pretrain={"model": "test", "steps": 20, "global_batch": 32, "lr": None,
                                    "resolutions": "32:1.0", "crop_scale_min": None},
-                         evaluate={"probe_train": 120, "probe_test": 24})
+                         train_captioner={"base_steps": 4, "refined_steps": 4, "base_images": 32, "global_batch": 8,
+                                          "lm_width": 32, "vocab_size": 300, "eval_videos": 8,
+                                          "max_new_tokens": 16, "checkpoint_every": 2},
+                         caption={"max_new_tokens": 16, "batch_size": 16},
+                         # an untrained captioner writes short loops: checked, not rejected
+                         validate_captions={"min_caption_words": 1, "max_caption_repeats": 64,
+                                            "max_failure_rate": 0.5},
+                         finetune_video={"steps": 4, "global_batch": 8, "frames": 4, "checkpoint_every": 2},
+                         evaluate={"probe_train": 120, "probe_test": 24, "video_frames": 4})
 
 
 def small_cpu() -> Pipeline:

@@ -2,10 +2,13 @@
 
 Written by `end_pipeline_run` (so by the DAG's `end_run` task and by
 `peflow run`) to `OUT/report.html` and logged to the parent MLflow run as the
-artifact `report.html`. It holds the stage table, the key metrics (the
-ablation's other recipe in a column beside the main one), the best layer per
-probe task against the last layer, and every plot the stages wrote (loss
-curve, metric bars, layer plot), images embedded so the file travels alone.
+artifact `report.html`. It holds the stage table, the key metrics (each
+variant of the run, e.g. the recipe ablation's other recipe, in a column
+beside the main one), the video table (image-only model, finetuned on web
+text, finetuned on the engine's captions: the paper's Tab. 2), the best layer
+per probe task against the last layer, and every plot the stages wrote (loss
+curve, metric bars, layer plot, confusion matrices), images embedded so the
+file travels alone.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ td.best { font-weight: bold; background: #e6f4ea; }
 def is_detail(name: str) -> bool:
     """Per-layer probe scores and top-5 numbers: kept in metrics.json, MLflow and this report's
     plots, left out of console summaries (`peflow run`, `make demo`)."""
-    return "/layer_" in name or name.endswith("/top5")
+    return ("/layer_" in name or name.endswith(("/top5", "/R5", "/R10")) or "/zeroshot_pair/" in name
+            or "/speed/" in name and name.endswith("_seconds"))
 
 
 def _columns(summaries: Sequence[Mapping[str, Any]]) -> list[str | None]:
@@ -63,10 +67,32 @@ def _by_variant(summaries: Sequence[Mapping[str, Any]]) -> dict[str | None, dict
 
 
 def _recipe(summaries: Sequence[Mapping[str, Any]], variant: str | None) -> str:
-    for s in summaries:
-        if s.get("variant") == variant and s.get("recipe"):
-            return str(s["recipe"])
+    """The pretraining recipe behind a column: the variant's own pretraining, else the main run's."""
+    for v in (variant, None):
+        for s in summaries:
+            if s.get("variant") == v and s.get("recipe"):
+                return str(s["recipe"])
     return "?"
+
+
+#: The video table's rows: (label, column of the report, metric prefix in that column).
+VIDEO_ROWS = (("image-only PE-core", None, "evaluate/video/core/"),
+              ("finetuned on title + description (a)", "metadata", "evaluate/video/finetuned/"),
+              ("finetuned on the engine's captions (b)", None, "evaluate/video/finetuned/"))
+VIDEO_COLUMNS = (("actions top-1 (10)", "zeroshot/top1"), ("motion types top-1 (7)", "zeroshot_motion/top1"),
+                 ("t2v R@1", "retrieval/t2v/R1"), ("t2v R@5", "retrieval/t2v/R5"), ("v2t R@1", "retrieval/v2t/R1"),
+                 ("v2t R@5", "retrieval/v2t/R5"))
+
+
+def video_table(values: Mapping[str | None, Mapping[str, float]]) -> list[list[str]]:
+    """Rows of the video table for the models this run has (paper Tab. 2's layout)."""
+    rows = []
+    for label, column, prefix in VIDEO_ROWS:
+        have = values.get(column, {})
+        if not any(k.startswith(prefix) for k in have):
+            continue
+        rows.append([label, *(_fmt(have.get(prefix + m)) for _, m in VIDEO_COLUMNS)])
+    return rows
 
 
 def _fmt(v: float | None) -> str:
@@ -117,7 +143,8 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
     labels = [f"{'main' if v is None else v} ({_recipe(summaries, v)})" for v in variants]
     values = _by_variant(summaries)
     info = [["run", str(Path(cfg.out).name)], ["MLflow run", run_id], ["preset", cfg.preset],
-            ["recipe", str(_recipe(summaries, None))], ["ablation", str(getattr(cfg, "ablation", False))],
+            ["recipe", str(_recipe(summaries, None))],
+            ["variants", ", ".join(cfg.variants()) or "none"],
             ["data source", cfg.data_source], ["written", time.strftime("%Y-%m-%d %H:%M:%S %Z")]]
     stage_rows = [[s.get("task", s["stage"]), s.get("recipe") or "", "ran" if s["ran"] else "reused",
                    f"{s['seconds']:.1f}", s["out"]] for s in summaries]
@@ -129,7 +156,15 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
              "<h2>Key metrics</h2>",
              "<p class=muted>Fractions in [0, 1]; probe rows: the best layer per task (1 = first block), "
              "its score, and the last layer's score (docs/metrics.md).</p>",
-             _metrics_html(values, labels), "<h2>Plots</h2>"]
+             _metrics_html(values, labels)]
+    video = video_table(values)
+    if video:
+        parts += ["<h2>Video: zero-shot and retrieval on held-out videos</h2>",
+                  "<p class=muted>Clips are the mean of 8 frames' embeddings, so reversed motions (left/right, "
+                  "up/down, grow/shrink) look the same: the 7 motion types merge those pairs (docs/video.md). "
+                  "The (a) row needs the engine ablation (Param engine_ablation).</p>",
+                  _table(["model", *(c for c, _ in VIDEO_COLUMNS)], video)]
+    parts.append("<h2>Plots</h2>")
     for stage in dict.fromkeys(s["stage"] for s in summaries):
         figs = []
         for v in variants:

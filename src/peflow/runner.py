@@ -109,7 +109,7 @@ def check(stage: stages.Stage, cfg: Any) -> None:
     if not getattr(cfg, OUT, ""):
         raise ConfigError(f"{stage.name}.out: an output folder is required")
     for field, upstream in stage.inputs:
-        if not getattr(cfg, field, ""):
+        if not getattr(cfg, field, "") and field not in stage.optional:
             raise ConfigError(f"{stage.name}.{field}: required (the {upstream} stage's output, or a path)")
 
 

@@ -1,5 +1,6 @@
 """`peflow run`: the whole pipeline through the same task functions the DAG
-uses (pretrain launched through TorchX, 2 processes), then one stage re-run
+uses (pretrain and finetune-video launched through TorchX, 2 processes; the
+video data engine in between), then one stage re-run
 on the upstream outputs already there, the same in a fresh output folder
 (upstream outputs from the store), and one changed pretrain field rerunning
 pretrain and what reads it."""
@@ -13,22 +14,27 @@ from peflow import io, orchestration
 
 pytestmark = pytest.mark.slow
 
+VIDEO_CHAIN = ("validate", "pretrain", "train-captioner", "caption", "validate-captions", "finetune-video", "evaluate")
+
 
 def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = orchestration.RunConfig(out=str(tmp_path / "run"), preset="test", data_source=str(tiny_corpus))
     summaries = orchestration.run_pipeline(cfg)
     assert [(s["stage"], s["ran"], s["reused"]) for s in summaries] == [
-        ("synth", False, "data source"), ("validate", True, None), ("pretrain", True, None), ("evaluate", True, None)]
+        ("synth", False, "data source"), *((n, True, None) for n in VIDEO_CHAIN)]
     assert (tmp_path / "run" / "pretrain" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "finetune-video" / "model.safetensors").is_file()
     metrics = summaries[-1]["metrics"]
     assert "zeroshot/test/top1" in metrics and "retrieval/i2t/R1" in metrics
+    assert "video/core/zeroshot/top1" in metrics and "video/finetuned/retrieval/t2v/R1" in metrics
+    assert "refined/bleu4" in summaries[3]["metrics"] and "engine/cider" in summaries[4]["metrics"]
     model_digest = io.read_json(tmp_path / "run" / "pretrain" / io.MANIFEST)["output_digest"]
 
     again = orchestration.run_pipeline(orchestration.RunConfig(
         out=str(tmp_path / "run"), preset="test", data_source=str(tiny_corpus), stage="evaluate"))
     assert [(s["stage"], s["ran"], s["reused"]) for s in again[1:]] == [
-        ("validate", False, "up-to-date"), ("pretrain", False, "up-to-date"), ("evaluate", True, None)]
+        *((n, False, "up-to-date") for n in VIDEO_CHAIN[:-1]), ("evaluate", True, None)]
     assert io.read_json(tmp_path / "run" / "pretrain" / io.MANIFEST)["output_digest"] == model_digest
     assert again[-1]["metrics"] == metrics  # same inputs, same numbers
 
@@ -36,7 +42,7 @@ def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
     fresh = orchestration.run_pipeline(orchestration.RunConfig(
         out=str(tmp_path / "fresh"), preset="test", data_source=str(tiny_corpus), stage="evaluate"))
     assert [(s["stage"], s["ran"], s["reused"]) for s in fresh[1:]] == [
-        ("validate", False, "store"), ("pretrain", False, "store"), ("evaluate", True, None)]
+        *((n, False, "store") for n in VIDEO_CHAIN[:-1]), ("evaluate", True, None)]
     assert io.read_json(tmp_path / "fresh" / "pretrain" / io.MANIFEST)["output_digest"] == model_digest
     assert fresh[-1]["metrics"] == metrics
 
@@ -47,12 +53,14 @@ def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
     champion = client.get_model_version("peflow-core", "1")
     assert champion.tags["peflow.checkpoint_digest"] == io.dataset_digest(tmp_path / "run" / "pretrain")
     assert float(champion.tags["metric.zeroshot/test/top1"]) == pytest.approx(metrics["zeroshot/test/top1"])
+    for name in ("peflow-captioner", "peflow-video"):
+        assert client.get_registered_model(name).aliases["candidate"] == 1, name
 
-    # One pretrain field changed: pretrain and evaluate rerun, validate is reused.
+    # The training steps changed (pretrain's and finetune-video's): everything after validate reruns.
     changed = orchestration.run_pipeline(orchestration.RunConfig(
         out=str(tmp_path / "changed"), preset="test", data_source=str(tiny_corpus), steps=21))
-    assert [(s["stage"], s["ran"]) for s in changed[1:]] == [("validate", False), ("pretrain", True),
-                                                            ("evaluate", True)]
+    assert [(s["stage"], s["ran"]) for s in changed[1:]] == [("validate", False),
+                                                            *((n, True) for n in VIDEO_CHAIN[1:])]
     assert io.read_json(tmp_path / "changed" / "pretrain" / "metrics.json")["train/steps"] == 21
 
     runs = client.search_runs([client.get_experiment_by_name("peflow").experiment_id])
@@ -63,7 +71,7 @@ def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
         assert children, "stage runs are children of the pipeline run"  # every run ran evaluate at least
     first = min(parents, key=lambda r: r.info.start_time)
     stages = {r.data.tags["peflow.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
-    assert stages == {"validate", "pretrain", "evaluate"}
+    assert stages == set(VIDEO_CHAIN)
     pre = next(r for r in runs if r.data.tags.get("peflow.stage") == "pretrain")
     assert pre.data.tags["peflow.output_key"]
     assert pre.data.tags["dvc.data.md5"].endswith(".dir")

@@ -1,5 +1,5 @@
-"""Pipeline-run plumbing without training: ablation tasks, their options and
-folders, metric names in the pipeline run, and the HTML report."""
+"""Pipeline-run plumbing without training: variant tasks (the recipe and the engine
+ablation), their options and folders, metric names in the pipeline run, and the HTML report."""
 
 import html
 import re
@@ -15,10 +15,31 @@ def _cfg(tmp_path, **kw):
     return orchestration.RunConfig(out=str(tmp_path / "run"), **kw)
 
 
-def test_ablation_reruns_recipe_stages_and_their_downstream():
-    assert stages.ablation_stages() == ["pretrain", "evaluate"]
+def test_variants_rerun_their_roots_and_what_reads_them():
+    assert stages.get_variant("ablation").stages() == ["pretrain", "evaluate"]  # `only`: not the video chain
+    assert stages.get_variant("metadata").stages() == ["finetune-video", "evaluate"]
     ids = [t.id for t in orchestration.tasks()]
-    assert ids == ["synth", "validate", "pretrain", "evaluate", "pretrain_ablation", "evaluate_ablation"]
+    assert ids == ["synth", "validate", "pretrain", "train-captioner", "caption", "validate-captions",
+                   "finetune-video", "evaluate", "pretrain_ablation", "evaluate_ablation",
+                   "finetune-video_metadata", "evaluate_metadata"]
+
+
+def test_engine_ablation_finetunes_on_web_text_and_evaluates_its_own_model(tmp_path):
+    run = tmp_path / "run"
+    cfgs = orchestration.resolve(_cfg(tmp_path, engine_ablation=True))
+    assert "pretrain_ablation" not in cfgs
+    ft, ev = cfgs["finetune-video_metadata"], cfgs["evaluate_metadata"]
+    assert ft.captions == "metadata" and cfgs["finetune-video"].captions == "engine"
+    assert ft.data == str(run / "validate-captions") and ft.out == str(run / "metadata" / "finetune-video")
+    assert ev.video_checkpoint == str(run / "metadata" / "finetune-video") and ev.checkpoint == str(run / "pretrain")
+
+
+def test_recipe_ablation_leaves_the_video_model_it_does_not_remake_out(tmp_path):
+    cfgs = orchestration.resolve(_cfg(tmp_path, ablation=True))
+    assert cfgs["evaluate_ablation"].video_checkpoint == ""  # the main video model stems from the main recipe
+    assert cfgs["evaluate"].video_checkpoint == str(tmp_path / "run" / "finetune-video")
+    up = {t.id for t in orchestration.Task("evaluate", "ablation").upstream}
+    assert up == {"pretrain_ablation", "validate"}
 
 
 def test_ablation_config_swaps_recipe_and_reads_its_own_upstream(tmp_path):
@@ -36,7 +57,7 @@ def test_ablation_config_swaps_recipe_and_reads_its_own_upstream(tmp_path):
 
 
 def test_ablation_task_needs_the_flag_and_recipe_is_checked(tmp_path):
-    with pytest.raises(ConfigError, match="no ablation"):
+    with pytest.raises(ConfigError, match="no ablation variant"):
         orchestration.run_stage("pretrain", _cfg(tmp_path), variant=orchestration.ABLATION)
     with pytest.raises(ConfigError, match="recipe"):
         _cfg(tmp_path, recipe="clip")

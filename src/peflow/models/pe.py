@@ -256,6 +256,19 @@ def load_official_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: does not load into preset {preset} ({_brief(e)})") from None
 
 
+def unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict safetensors can write: contiguous CPU tensors, those sharing memory with an earlier
+    one (tied LM embeddings) copied, so each key loads back on its own."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        t = v.detach().contiguous().cpu()
+        where = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[k] = t.clone() if where in seen else t
+        seen.add(where)
+    return out
+
+
 MODEL_FILE = "model.safetensors"
 MODEL_CARD = "model.json"
 
@@ -272,7 +285,7 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, *, extra: Mapping[st
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = unshared(model.state_dict())
     tmp = out / f".{MODEL_FILE}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, out / MODEL_FILE)
@@ -309,6 +322,22 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({_brief(e)})") from None
     except OSError as e:
         raise ValueError(f"{file}: cannot be read ({_brief(e)})") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The model file or folder inside `path`: an official .pt as is; a folder
+    holding model.safetensors; or a stage output with exactly one such folder below it."""
+    from peflow.config import InputError
+
+    path = Path(path)
+    if path.is_file() or (path / MODEL_FILE).is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob(MODEL_FILE))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputError(f"checkpoint {path}: no {MODEL_FILE} in this folder or below it, and not a .pt file")
+    raise InputError(f"{path}: several checkpoints below it ({[str(p) for p in found]}); name one")
 
 
 def load_model(path: str | Path, *, preset: str | None = None) -> torch.nn.Module:

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 
@@ -40,9 +40,11 @@ class Stage:
         evaluates: the registered model whose `champion` alias this stage's `champion_metric` ranks.
         champion_metric: the metric (higher is better) that moves `champion`.
         key_metrics: metric names (globs) shown by `peflow compare` and the run report.
-        ablation: repeated in an ablation run (with the other recipe), as are the stages that
-            read its output.
+        ablation: takes a pretraining recipe: the `ablation` variant runs it again with the other
+            recipe, and every stage that reads its output.
         dataset: its output is a dataset (corpus, validated data, captions): pushed to DVC.
+        optional: input fields the stage runs without (left empty when a variant does not remake
+            that input).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Stage:
     key_metrics: tuple[str, ...] = ()
     ablation: bool = False
     dataset: bool = False
+    optional: tuple[str, ...] = ()
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -134,10 +137,6 @@ def downstream(roots: set[str]) -> list[str]:
     return out
 
 
-#: The variant of an ablation run: the other recipe at the same budget, under OUT/ablation/.
-ABLATION = "ablation"
-
-
 def stage_key(stage: str, name: str) -> str:
     """A stage metric's name prefixed by its stage: `evaluate/zeroshot/test/top1`."""
     return name if name.startswith(f"{stage}/") else f"{stage}/{name}"
@@ -145,14 +144,69 @@ def stage_key(stage: str, name: str) -> str:
 
 def metric_key(summary: Mapping[str, Any], name: str) -> str:
     """A stage metric's name in the pipeline run: `evaluate/zeroshot/test/top1`,
-    `ablation/evaluate/zeroshot/test/top1` for the ablation variant."""
+    `ablation/evaluate/zeroshot/test/top1` for the task of a variant (here `ablation`)."""
     key = stage_key(summary["stage"], name)
     return f"{summary['variant']}/{key}" if summary.get("variant") else key
 
 
-def ablation_stages() -> list[str]:
-    """Stages an ablation runs a second time: those marked `ablation` and every stage reading one."""
-    return downstream({s.name for s in all_stages() if s.ablation})
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Variant:
+    """A second version of part of a pipeline run, next to the main one: the `roots` stages run again
+    with `change` applied to their configs, and so does every stage that reads them (directly or not),
+    each under OUT/<name>/<stage>/ and as the task `<stage>_<name>`. A run has it when its run-config
+    boolean `param` is set; the report and `peflow compare` put it in a column of its own.
+
+    Attributes:
+        name: folder, task-id suffix and metric prefix (`<name>/evaluate/...`).
+        param: the `RunConfig` boolean (Airflow Param, `peflow run` option) that turns it on.
+        summary: one line for the DAG tasks' docs and the Params form.
+        roots: the stages whose configs change.
+        change: (stage name, the stage's config in the main run) -> field changes, for each root.
+        only: when set, the variant runs these of the downstream stages only; an input the variant does
+            not remake although it derives from a root is left empty (it must be `optional`).
+    """
+
+    name: str
+    param: str
+    summary: str
+    roots: tuple[str, ...]
+    change: Callable[[str, Any], Mapping[str, Any]]
+    only: tuple[str, ...] = ()
+
+    def stages(self) -> list[str]:
+        """The stages this variant runs again: its roots and the stages reading one (all, or `only`), in run order."""
+        return [s for s in downstream(set(self.roots)) if not self.only or s in self.only]
+
+    def stale(self) -> set[str]:
+        """Stages whose main output derives from a root but that this variant does not remake."""
+        return set(downstream(set(self.roots))) - set(self.stages())
+
+
+_VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    missing = [r for r in (*variant.roots, *variant.only) if r not in _REGISTRY]
+    if variant.name in _VARIANTS or missing:
+        raise ValueError(f"variant {variant.name!r}: registered already, or unknown stage(s) {missing}")
+    for name in variant.stages():
+        bad = [f for f, up in get(name).inputs if up in variant.stale() and f not in get(name).optional]
+        if bad:
+            raise ValueError(f"variant {variant.name!r}: {name}.{bad[0]} reads a stage the variant does not remake "
+                             f"and is not optional")
+    _VARIANTS[variant.name] = variant
+    return variant
+
+
+def variants() -> tuple[Variant, ...]:
+    return tuple(_VARIANTS.values())
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return _VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; known: {list(_VARIANTS)}") from None
 
 
 register(Stage(
@@ -184,17 +238,81 @@ register(Stage(
     ablation=True,
 ))
 register(Stage(
+    name="train-captioner",
+    module="peflow.stages.train_captioner",
+    summary="The video data engine's captioner: frozen PE-core layer -> projector -> causal LM, trained on "
+            "image captions and web video text, then refined on human video captions.",
+    inputs=(("checkpoint", "pretrain"), ("data", "validate")),
+    code=("src/peflow/engine", "src/peflow/models", "src/peflow/train", "src/peflow/data/formats.py"),
+    model_name="peflow-captioner",
+    key_metrics=("base/bleu4", "base/cider", "base/recall_*", "refined/bleu4", "refined/cider", "refined/recall_*"),
+))
+register(Stage(
+    name="caption",
+    module="peflow.stages.caption",
+    summary="The video data engine: clip and key-frame captions fused with title and description by a "
+            "summarizer into one caption per video (PVD-layout shards with model_caption).",
+    inputs=(("captioner", "train-captioner"), ("data", "validate")),
+    code=("src/peflow/engine", "src/peflow/models", "src/peflow/data/formats.py", "src/peflow/validation/shards.py"),
+    key_metrics=("engine/bleu4", "engine/cider", "engine/recall_*", "clip/bleu4", "metadata/bleu4",
+                 "speed/*_videos_per_s"),
+    dataset=True,
+))
+register(Stage(
+    name="validate-captions",
+    module="peflow.stages.validate_captions",
+    summary="Great Expectations suite on the engine's captions (present, UTF-8, length, no loops, no prompt "
+            "echo); failing videos quarantined with reasons.",
+    inputs=(("data", "caption"),),
+    code=("src/peflow/validation", "src/peflow/stages/validate.py", "src/peflow/data/formats.py"),
+    key_metrics=("failure_rate",),
+    dataset=True,
+))
+register(Stage(
+    name="finetune-video",
+    module="peflow.stages.finetune_video",
+    summary="Video finetuning of PE-core: frame-averaged clip embeddings, CLIP loss against the engine's captions.",
+    inputs=(("checkpoint", "pretrain"), ("data", "validate-captions")),
+    distributed=True,
+    code=("src/peflow/train", "src/peflow/models", "src/peflow/engine/clips.py", "src/peflow/data/formats.py"),
+    resources={"cpu": 2, "gpu": 0, "memMB": 8192},
+    model_name="peflow-video",
+    key_metrics=("train/final_loss", "train/clips_per_s"),
+))
+register(Stage(
     name="evaluate",
     module="peflow.stages.evaluate",
-    summary="Zero-shot classification (clean and shift splits, robustness average), retrieval, layer probes.",
-    inputs=(("checkpoint", "pretrain"), ("data", "validate")),
+    summary="Zero-shot classification (clean and shift splits, robustness average), retrieval, layer probes; "
+            "video zero-shot and retrieval of the image-only and the video-finetuned model.",
+    inputs=(("checkpoint", "pretrain"), ("data", "validate"), ("video_checkpoint", "finetune-video")),
+    optional=("video_checkpoint",),
     code=("src/peflow/evaluate", "src/peflow/models", "src/peflow/data/formats.py"),
     evaluates="peflow-core",
     champion_metric="zeroshot/test/top1",
     key_metrics=("zeroshot/test/top1", "zeroshot/test/top1_atypical_colour", "zeroshot_colour/test/top1",
                  "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval/t2i/R1", "probe/*/best*",
-                 "probe/*/last"),
+                 "probe/*/last", "video/*/zeroshot/top1", "video/*/zeroshot_motion/top1",
+                 "video/*/retrieval/t2v/R1", "video/*/retrieval/v2t/R1"),
 ))
+
+
+def _other_recipe(stage: str, cfg: Any) -> dict[str, Any]:
+    from peflow.train.recipe import other_recipe
+
+    return {"recipe": other_recipe(cfg.recipe)} if hasattr(cfg, "recipe") else {}
+
+
+#: The recipe ablation: pretraining with the other recipe (vanilla <-> pe) at the same budget, evaluated on
+#: images and (image-only, frame-averaged) on videos; the video chain is not remade.
+ABLATION = "ablation"
+register_variant(Variant(
+    name=ABLATION, param="ablation", summary="the other pretraining recipe (vanilla <-> pe) at the same budget",
+    roots=tuple(s.name for s in all_stages() if s.ablation), change=_other_recipe, only=("pretrain", "evaluate")))
+#: The engine ablation (paper Tab. 2): video finetuning on title + description instead of the engine's captions.
+register_variant(Variant(
+    name="metadata", param="engine_ablation",
+    summary="video finetuning on the videos' title and description instead of the engine's captions",
+    roots=("finetune-video",), change=lambda stage, cfg: {"captions": "metadata"}))
 
 
 def load_plugins(spec: str | None = None) -> None:

@@ -2,12 +2,16 @@
 held-out split and each distribution-shift split, and image-text retrieval
 (paper App. B.1.2 protocols), and layer-by-layer frozen probes (classification,
 segmentation, depth, language at every block; metric names in docs/metrics.md).
+On held-out videos (`video_split`): zero-shot on the 10 actions and the 7 motion
+types, text-video retrieval, for the image-only model (`video/core/`) and the
+video-finetuned one (`video/finetuned/`, from `video_checkpoint`).
 
 Outputs:
   OUT/metrics.json   flat name -> number, the same numbers logged to MLflow
   OUT/metrics.png    bar plot of the metrics
   OUT/layers.png     probe score against layer, one panel per probe task (with probes on)
   OUT/layers.json    the per-layer probe table (with probes on)
+  OUT/video_confusion.png, OUT/video_confusion.json   action confusion matrices (with video on)
   OUT/manifest.json  config, input hashes (corpus digest, checkpoint hash), counts
 
 The checkpoint is a peflow checkpoint folder (`model.safetensors` +
@@ -60,6 +64,11 @@ class Config:
     probe_test: int = opt(500, "Images that score the probes: the first N of the test split.")
     probe_tasks: str = opt("cls,seg,depth,lang", "Comma-separated probe tasks: cls (label), seg (patch class), "
                                                  "depth (patch depth), lang (caption retrieval).")
+    video_checkpoint: str = opt("", "Video-finetuned model (the finetune-video stage's output) to evaluate on "
+                                    "held-out videos next to `checkpoint`; empty: only `checkpoint`.")
+    video: bool = opt(True, "Evaluate on held-out videos too (video/* metrics), when the corpus has them.")
+    video_split: str = opt("test", "Held-out video split (zero-shot on its actions, retrieval of its human captions).")
+    video_frames: int = opt(8, "Frames per clip, uniformly sampled and averaged.", min=1)
 
     def probe_task_list(self) -> list[str]:
         """`probe_tasks` as a list; unknown names raise ValueError."""
@@ -86,22 +95,6 @@ class Config:
         if self.probe_train < 1 or self.probe_test < 1:
             raise ValueError(f"probe_train and probe_test must be >= 1, got {self.probe_train}, {self.probe_test}")
         self.probe_task_list()
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The model file or folder inside `path`: an official .pt as is; a folder
-    holding model.safetensors; or a stage output with exactly one such folder below it."""
-    from peflow.models.pe import MODEL_FILE
-
-    path = Path(path)
-    if path.is_file() or (path / MODEL_FILE).is_file():
-        return path
-    found = sorted(p.parent for p in path.rglob(MODEL_FILE))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise InputError(f"checkpoint {path}: no {MODEL_FILE} in this folder or below it, and not a .pt file")
-    raise InputError(f"{path}: several checkpoints below it ({[str(p) for p in found]}); name one")
 
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: Config, *, classnames: list[str]) -> tuple[dict, dict]:
@@ -163,6 +156,32 @@ def evaluate_probes(model: Any, tokenizer: Any, cfg: Config, *, classnames: list
     return result
 
 
+def evaluate_videos(models: dict[str, Any], tokenizer: Any, cfg: Config, out: Path) -> tuple[dict, dict]:
+    """Video zero-shot and retrieval of each model (name -> model) on the held-out videos; the confusion
+    matrices into `out`. Returns (metrics, counts); nothing when the corpus has no such split."""
+    import json
+
+    from peflow.data.formats import find_shards
+    from peflow.evaluate.video import evaluate_video, plot_confusion
+
+    try:
+        shards = find_shards(cfg.data, "video").get(cfg.video_split)
+    except FileNotFoundError:
+        shards = None
+    if not shards:
+        print(f"peflow evaluate: note: {cfg.data} has no video split {cfg.video_split!r}; video evaluation skipped")
+        return {}, {}
+    metrics, matrices, counts = {}, {}, {}
+    for name, model in models.items():
+        size = cfg.image_size or int(model.visual.image_size[0])
+        m, matrix, n = evaluate_video(model, tokenizer, shards, num_frames=cfg.video_frames, image_size=size)
+        metrics.update({f"video/{name}/{k}": v for k, v in m.items()})
+        matrices[name], counts[f"videos/{cfg.video_split}"] = matrix, n
+    plot_confusion(matrices, out / "video_confusion.png")
+    (out / "video_confusion.json").write_text(json.dumps({k: v.tolist() for k, v in matrices.items()}) + "\n")
+    return metrics, counts
+
+
 def run(cfg: Config, out: Path) -> Result:
     """Evaluate `cfg.checkpoint` on `cfg.data` into `out` (the runner's staging folder)."""
     import torch
@@ -171,6 +190,7 @@ def run(cfg: Config, out: Path) -> Result:
     from peflow.evaluate.probes import plot_layers, write_layers_json
     from peflow.evaluate.report import plot_metrics
     from peflow.models import get_tokenizer, load_model
+    from peflow.models.pe import resolve_checkpoint
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -190,6 +210,16 @@ def run(cfg: Config, out: Path) -> Result:
     if probes is not None:
         metrics.update(probes.metrics)
         counts.update(probes.counts)
+    resolved = {"resolved_checkpoint": str(ckpt), "resolved_preset": preset}
+    if cfg.video:
+        models = {"core": model}
+        if cfg.video_checkpoint:
+            video_ckpt = resolve_checkpoint(cfg.video_checkpoint)
+            models["finetuned"] = load_model(video_ckpt).eval()
+            resolved["resolved_video_checkpoint"] = str(video_ckpt)
+        video_metrics, video_counts = evaluate_videos(models, tokenizer, cfg, out)
+        metrics.update(video_metrics)
+        counts.update(video_counts)
     seconds = time.perf_counter() - t0
 
     title = f"{preset} · {ckpt.name} · {Path(cfg.data).name}"
@@ -206,6 +236,8 @@ def run(cfg: Config, out: Path) -> Result:
         best, last = int(metrics[f"probe/{task}/best_layer"]), probes.layers[-1]
         print(f"  probe/{task}: best layer {best} = {metrics[f'probe/{task}/best']:.4f}, "
               f"last layer {last} = {metrics[f'probe/{task}/last']:.4f}")
-    return Result(metrics=metrics, counts=counts,
-                  resolved={"resolved_checkpoint": str(ckpt), "resolved_preset": preset},
+    for k in sorted(k for k in metrics if k.startswith("video/") and k.endswith(("/zeroshot/top1",
+                                                                             "zeroshot_motion/top1", "t2v/R1"))):
+        print(f"  {k} = {metrics[k]:.4f}")
+    return Result(metrics=metrics, counts=counts, resolved=resolved,
                   tags={"peflow.eval_seconds": f"{seconds:.2f}"})

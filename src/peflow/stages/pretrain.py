@@ -104,17 +104,13 @@ def plan_from_config(cfg: Config) -> Any:
             raise ValueError(f"resolution {r} is not a multiple of model {p.name}'s patch size {p.patch_size}")
     lr = cfg.lr if cfg.lr is not None else recipe.lr
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(recipe.warmup_fraction * cfg.steps)
+    from peflow.train.checkpoint import ckpt_dir
+
     return TrainPlan(data=Path(cfg.data), ckpt_dir=ckpt_dir(cfg.out or "out"), preset=cfg.model, recipe=recipe,
                      steps=cfg.steps, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, lr=lr,
                      warmup_steps=warmup, seed=cfg.seed, resolutions=resolutions,
                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                      init_from=cfg.init_from, compile=cfg.compile)
-
-
-def ckpt_dir(out: str | Path) -> Path:
-    """Where resumable checkpoints live: a sibling `OUT.ckpt`, which survives a killed run."""
-    out = Path(out)
-    return out.with_name(out.name + ".ckpt")
 
 
 def run(cfg: Config, out: Path | None) -> Result | None:

@@ -38,7 +38,7 @@ class Config:
     seed: int = opt(0, "Random seed; the same seed gives byte-identical shards.")
     image_size: int | None = opt(None, "Override the corpus preset's image and video side in pixels (even).", min=8)
     num_frames: int | None = opt(None, "Override the corpus preset's frames per video.", min=2)
-    human_caption_fraction: float | None = opt(None, "Override the fraction of videos with a human caption.", min=0.0)
+    human_caption_fraction: float | None = opt(None, "Override the fraction of train videos with a human caption (held-out videos always have one).", min=0.0)
     workers: int | None = opt(None, "Worker processes (default: all CPUs); does not change the output.", min=1,
                               key=False)
 

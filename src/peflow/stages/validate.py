@@ -52,6 +52,10 @@ class Config:
     max_duration: float = opt(600.0, "Longest accepted video, seconds.")
     min_caption_chars: int = opt(5, "Shortest accepted caption (and model_caption), characters.")
     max_caption_chars: int = opt(2000, "Longest accepted caption (and model_caption), characters.")
+    min_caption_words: int = opt(3, "Fewest accepted words in a generated caption (captions suite).", min=0)
+    max_caption_words: int = opt(300, "Most accepted words in a generated caption (captions suite).", min=0)
+    max_caption_repeats: int = opt(3, "Most back-to-back repeats of a word or phrase in a generated caption "
+                                      "(captions suite; more is a generation loop).", min=1)
     workers: int = opt(1, "Processes reading shards (features are extracted per shard).", min=1, key=False)
 
     def validate(self) -> None:

@@ -131,3 +131,9 @@ def load(folder: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.O
     if int(trainer["world_size"]) == world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return trainer
+
+
+def ckpt_dir(out: str | Path) -> Path:
+    """Where a training stage's resumable checkpoints live: a sibling `OUT.ckpt`, which survives a killed run."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")

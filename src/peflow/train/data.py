@@ -141,39 +141,57 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return (x - mean) / std
 
 
-class TrainLoader:
-    """Deterministic, resumable, rank-sharded batches of (images, tokens)."""
+class EpochOrder:
+    """Which samples each rank reads at each step: epoch e visits `permutation(default_rng([seed, e]))`
+    of the n samples in global batches (the last partial batch dropped); rank r of W takes rows
+    [r * G/W, (r+1) * G/W) of each. A pure function of (seed, step): resuming needs only the step."""
 
-    def __init__(self, index: ShardIndex, *, global_batch: int, rank: int, world_size: int, seed: int,
-                 recipe: Recipe, tokenizer: object) -> None:
+    def __init__(self, n: int, *, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         if global_batch % world_size:
             raise ValueError(f"global_batch {global_batch} is not divisible by {world_size} processes")
-        if global_batch > len(index):
-            raise ValueError(f"global_batch {global_batch} is larger than the training set ({len(index)} samples)")
-        self.index, self.global_batch, self.rank, self.world_size = index, global_batch, rank, world_size
-        self.seed, self.recipe, self.tokenizer = seed, recipe, tokenizer
+        if global_batch > n:
+            raise ValueError(f"global_batch {global_batch} is larger than the training set ({n} samples)")
+        self.n, self.global_batch, self.rank, self.world_size, self.seed = n, global_batch, rank, world_size, seed
         self.local_batch = global_batch // world_size
-        self.steps_per_epoch = len(index) // global_batch
+        self.steps_per_epoch = n // global_batch
         self._perm: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.index)))
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
         return self._perm[1]
 
     def position(self, step: int) -> dict[str, int]:
         """Where step `step` reads: epoch and batch within the epoch (recorded in checkpoints)."""
         return {"epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch}
 
-    def batch(self, step: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of global batch `step` at `resolution`: ([B, 3, R, R], [B, T] tokens)."""
+    def rows(self, step: int) -> list[tuple[int, int]]:
+        """(sample index, row in the global batch) of this rank's rows at `step`."""
         pos = self.position(step)
         perm = self._permutation(pos["epoch"])
         start = pos["batch"] * self.global_batch + self.rank * self.local_batch
+        return [(int(perm[row]), row % self.global_batch) for row in range(start, start + self.local_batch)]
+
+
+class TrainLoader:
+    """Deterministic, resumable, rank-sharded batches of (images, tokens)."""
+
+    def __init__(self, index: ShardIndex, *, global_batch: int, rank: int, world_size: int, seed: int,
+                 recipe: Recipe, tokenizer: object) -> None:
+        self.order = EpochOrder(len(index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed)
+        self.index, self.seed, self.recipe, self.tokenizer = index, seed, recipe, tokenizer
+        self.steps_per_epoch = self.order.steps_per_epoch
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where step `step` reads: epoch and batch within the epoch (recorded in checkpoints)."""
+        return self.order.position(step)
+
+    def batch(self, step: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of global batch `step` at `resolution`: ([B, 3, R, R], [B, T] tokens)."""
         images, captions = [], []
-        for row in range(start, start + self.local_batch):
-            img, cap = self.index.get(int(perm[row]))
-            rng = np.random.default_rng([self.seed, step, row % self.global_batch, 7])
+        for i, row in self.order.rows(step):
+            img, cap = self.index.get(i)
+            rng = np.random.default_rng([self.seed, step, row, 7])
             img, cap = augment(img, cap, resolution, self.recipe, rng)
             images.append(img)
             captions.append(cap)

@@ -32,7 +32,8 @@ class StepLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(f"train/{k}", float(r[k]), now, int(r["step"])) for r in self.rows for k in STEP_METRICS]
+        metrics = [Metric(f"train/{k}", float(r[k]), now, int(r["step"])) for r in self.rows for k in STEP_METRICS
+                   if k in r]
         client = MlflowClient()
         for i in range(0, len(metrics), 1000):
             client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
@@ -62,8 +63,9 @@ def loss_plot(history: list[dict[str, Any]], path: Path) -> None:
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in history], label="total", lw=1)
-    ax.plot(steps, [r["clip_loss"] for r in history], label="CLIP", lw=1)
-    if any(r["mask_reg_loss"] for r in history):
+    if all("clip_loss" in r for r in history):
+        ax.plot(steps, [r["clip_loss"] for r in history], label="CLIP", lw=1)
+    if any(r.get("mask_reg_loss") for r in history):
         ax.plot(steps, [r["mask_reg_loss"] for r in history], label="mask regularization", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

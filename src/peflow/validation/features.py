@@ -39,8 +39,14 @@ COLUMNS = (
     "num_frames", "fps", "duration", "meta_valid", "id_matches_key", "meta_num_frames", "caption", "has_caption",
     "caption_length", "caption_source", "caption_utf8_valid", "label", "label_id", "label_set_id", "has_label",
     "label_in_label_set", "aux_ok", "aux_error", "title", "model_caption", "has_model_caption",
-    "model_caption_length", "model_caption_utf8_valid", "model_caption_equals_title", "key_repeat",
+    "model_caption_length", "model_caption_utf8_valid", "model_caption_equals_title", "model_caption_words",
+    "model_caption_max_repeat", "model_caption_echoes_prompt", "key_repeat",
 )
+
+#: Text of the engine's summarization prompt (peflow.engine.summarize.PROMPT) and its field labels:
+#: a generated caption holding one of these echoed the prompt instead of answering it.
+PROMPT_ECHOES = ("create a concise caption", "frame captions:", "video caption:", "description:", "title:",
+                 "alt text format", "prioritize key information")
 
 
 def _error(e: Exception) -> str:
@@ -160,6 +166,22 @@ def probe_video(data: bytes) -> tuple[int, int, int, float | None]:
     return n, size[0], size[1], float(rate) if rate else None
 
 
+def max_ngram_repeat(text: str, n: int = 3) -> int:
+    """How many times the most frequent word n-gram occurs back to back at its longest run (1 for no
+    repeat): a generation loop ("the red circle the red circle the red circle") scores its loop count."""
+    words = text.casefold().split()
+    best = 1 if words else 0
+    for size in range(1, n + 1):
+        for start in range(size):
+            run, prev = 1, None
+            for i in range(start, len(words) - size + 1, size):
+                gram = tuple(words[i:i + size])
+                run = run + 1 if gram == prev else 1
+                prev = gram
+                best = max(best, run if size > 1 or run > 2 else 1)
+    return best
+
+
 def video_row(raw: dict[str, Any], label_set: Sequence[str] | None) -> dict[str, Any]:
     """Features of one raw video sample (PE Video Dataset layout)."""
     import numpy as np
@@ -195,6 +217,9 @@ def video_row(raw: dict[str, Any], label_set: Sequence[str] | None) -> dict[str,
     row["has_model_caption"] = row["model_caption"] is not None
     mc, title = row["model_caption"], row["title"]
     row["model_caption_equals_title"] = None if mc is None or title is None else mc.casefold() == title.casefold()
+    row["model_caption_words"] = None if mc is None else len(mc.split())
+    row["model_caption_max_repeat"] = None if mc is None else max_ngram_repeat(mc)
+    row["model_caption_echoes_prompt"] = None if mc is None else any(e in mc.casefold() for e in PROMPT_ECHOES)
     _label(row, meta.get("category"), meta.get("label_id"), label_set)
     row["aux_ok"] = row["aux_error"] = None
     if "masks.npy" in raw:

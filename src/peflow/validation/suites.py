@@ -45,6 +45,11 @@ REASONS: dict[str, str] = {
     "model_caption_length_out_of_bounds": "model_caption length outside [min_caption_chars, max_caption_chars]",
     "model_caption_not_utf8": "model_caption is not valid UTF-8",
     "model_caption_copies_title": "model_caption is the title (case-insensitive): the captioner copied metadata",
+    "model_caption_word_count_out_of_bounds": "model_caption word count outside [min_caption_words, "
+                                              "max_caption_words]",
+    "model_caption_repetition_loop": "a word or phrase repeats back to back more than max_caption_repeats times "
+                                     "(a generation loop)",
+    "model_caption_prompt_echo": "model_caption repeats the summarizer's prompt instead of answering it",
 }
 
 
@@ -60,10 +65,14 @@ class Bounds:
     max_duration: float = 600.0
     min_caption_chars: int = 5
     max_caption_chars: int = 2000
+    min_caption_words: int = 3
+    max_caption_words: int = 300
+    max_caption_repeats: int = 3
 
     def check(self) -> None:
         for lo, hi in (("min_side", "max_side"), ("min_frames", "max_frames"),
-                       ("min_duration", "max_duration"), ("min_caption_chars", "max_caption_chars")):
+                       ("min_duration", "max_duration"), ("min_caption_chars", "max_caption_chars"),
+                       ("min_caption_words", "max_caption_words")):
             a, b = getattr(self, lo), getattr(self, hi)
             if a < 0 or a > b:
                 raise ValueError(f"{lo}={a} and {hi}={b}: need 0 <= {lo} <= {hi}")
@@ -142,6 +151,13 @@ def build(suite: str, bounds: Bounds, label_set: Sequence[str] | None) -> list[t
             _is("model_caption_utf8_valid", True, "model_caption_not_utf8", "The generated caption is UTF-8."),
             _is("model_caption_equals_title", False, "model_caption_copies_title",
                 "The generated caption is not the title."),
+            _between("model_caption_words", b.min_caption_words, b.max_caption_words,
+                     "model_caption_word_count_out_of_bounds",
+                     f"The generated caption has **{b.min_caption_words}-{b.max_caption_words}** words."),
+            _between("model_caption_max_repeat", 0, b.max_caption_repeats, "model_caption_repetition_loop",
+                     f"No word or phrase repeats back to back more than **{b.max_caption_repeats}** times."),
+            _is("model_caption_echoes_prompt", False, "model_caption_prompt_echo",
+                "The generated caption does not echo the summarizer's prompt."),
         ]
     raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
 

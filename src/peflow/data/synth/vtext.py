@@ -80,7 +80,8 @@ def description(rng: np.random.Generator, v: dict[str, Any]) -> str:
     return noisy(rng, " ".join(body), 0.06)
 
 
-_DETAIL = {
+#: How human captions word each action (the zero-shot prompts of peflow.evaluate.video say it the same way).
+DETAIL = {
     "move left": "slides steadily from the right side of the frame to the left side",
     "move right": "slides steadily from the left side of the frame to the right side",
     "move up": "moves steadily from the bottom of the frame up to the top",
@@ -106,9 +107,9 @@ def human_caption(v: dict[str, Any], rng: np.random.Generator) -> str:
     elif act.name == "change colour":
         how = f"stays {where} and gradually changes colour from {p['colour']} to {p['end_colour']}"
     elif act.name in ("grow", "shrink", "bounce", "shake"):
-        how = f"{where} {_DETAIL[act.name]}"
+        how = f"{where} {DETAIL[act.name]}"
     else:
-        how = _DETAIL[act.name]
+        how = DETAIL[act.name]
     text = f"{subject[0].upper()}{subject[1:]} {how}, {choice(rng, vocab.BACKGROUND_WORDS[v['background']])}."
     others = v["objects"][1:]
     if others:
