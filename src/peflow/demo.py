@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="pe", choices=list(orchestration.RECIPES))
     p.add_argument("--ablation", action="store_true",
                    help="also train and evaluate the other recipe at the same budget (about twice as long)")
+    p.add_argument("--engine-ablation", action="store_true",
+                   help="also finetune on video titles and descriptions instead of the engine's captions")
     a = p.parse_args(argv)
     root = services.REPO
     t0 = time.monotonic()
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         _dvc(root, "push")
         api = AirflowAPI(services.airflow_url(), "admin", services.airflow_password())
         api.wait_for_dag(DAG_ID)
-        conf = {"preset": a.preset, "recipe": a.recipe, "ablation": a.ablation,
+        conf = {"preset": a.preset, "recipe": a.recipe, "ablation": a.ablation, "engine_ablation": a.engine_ablation,
                 "data_source": str(root / "data" / "synth")}
         run_id = api.trigger(DAG_ID, conf)
         console.print(f"triggered {DAG_ID} run {run_id} with {conf}")

@@ -27,9 +27,9 @@ def test_dag_test_runs_the_whole_pipeline(airflow_env, tiny_corpus, tmp_path):
     assert lines, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT"):])
     assert result["state"].endswith("success"), result
-    ablation = {t: s for t, s in result["tis"].items() if t.endswith("_ablation")}
+    ablation = {t: s for t, s in result["tis"].items() if t.endswith(("_ablation", "_metadata"))}
     assert result["tis"]["synth"].endswith("success")  # the external data source stands in for it
-    assert ablation and all(s.endswith("skipped") for s in ablation.values()), result  # Param ablation off
+    assert ablation and all(s.endswith("skipped") for s in ablation.values()), result  # variants off
     assert all(s.endswith("success") for t, s in result["tis"].items() if t not in ablation), result
 
     import mlflow

@@ -47,7 +47,7 @@ def pipeline_run(stack, tiny_corpus):
     api = AirflowAPI(stack.airflow_url(), "admin", stack.airflow_password())
     api.wait_for_dag("pe_pipeline")
     run_id = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "nodes": "2x1",
-                                         "ablation": True})
+                                         "ablation": True, "engine_ablation": True})
     state = api.wait_run("pe_pipeline", run_id)["state"]
     tis = {t["task_id"]: t["state"] for t in api.task_instances("pe_pipeline", run_id)}
     return run_id, state, tis
@@ -67,17 +67,17 @@ def test_a_new_run_with_stage_evaluate_reruns_only_evaluate(stack, pipeline_run,
     assert state == "success"
     api = AirflowAPI(stack.airflow_url(), "admin", stack.airflow_password())
     second = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "stage": "evaluate",
-                                         "ablation": True})
+                                         "ablation": True, "engine_ablation": True})
     run = api.wait_run("pe_pipeline", second)
     tis = {t["task_id"]: t for t in api.task_instances("pe_pipeline", second)}
     assert run["state"] == "success", {k: t["state"] for k, t in tis.items()}
     durations = {k: round(t["duration"] or 0, 1) for k, t in tis.items()}
     print(f"stage-evaluate run: {_seconds(run):.0f}s, task durations {durations}")
-    summaries = {t: api.xcom("pe_pipeline", second, t) for t in ("validate", "pretrain", "evaluate",
-                                                                  "pretrain_ablation", "evaluate_ablation")}
+    summaries = {t: api.xcom("pe_pipeline", second, t) for t in tis if t not in ("start_run", "end_run")}
     ran = {t: (s["ran"], s["reused"]) for t, s in summaries.items()}
-    assert ran == {"validate": (False, "store"), "pretrain": (False, "store"), "evaluate": (True, None),
-                   "pretrain_ablation": (False, "store"), "evaluate_ablation": (True, None)}, ran
+    evaluates = {"evaluate", "evaluate_ablation", "evaluate_metadata"}
+    assert ran == {t: (True, None) if t in evaluates else (False, "data source" if t == "synth" else "store")
+                   for t in summaries}, ran
     first = api.xcom("pe_pipeline", run_id, "evaluate")
     assert summaries["evaluate"]["out"] != first["out"] and summaries["evaluate"]["metrics"] == first["metrics"]
     assert all(t["try_number"] == 1 for t in tis.values())
@@ -118,13 +118,16 @@ def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
     assert len(parent.data.tags["peflow.git_commit"]) >= 7
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_stage = {r.data.tags["peflow.stage"]: r for r in children}
-    assert {"validate", "pretrain", "evaluate"} <= set(by_stage)
+    assert {"validate", "pretrain", "train-captioner", "caption", "validate-captions", "finetune-video",
+            "evaluate"} <= set(by_stage)
     recipes = sorted(r.data.params["recipe"] for r in children if r.data.tags["peflow.stage"] == "pretrain")
     assert recipes == ["pe", "vanilla"]  # the ablation trained the other recipe too
     assert "ablation/evaluate/zeroshot/test/top1" in parent.data.metrics
     report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.html",
                                                       tracking_uri=stack.mlflow_uri())).read_text()
     assert "main (pe)" in report and "ablation (vanilla)" in report and "evaluate/zeroshot/test/top1" in report
+    assert "metadata/evaluate/video/finetuned/zeroshot/top1" in parent.data.metrics  # the engine ablation
+    assert "finetuned on title + description (a)" in report and "finetuned on the engine" in report
     for name in ("validate", "pretrain", "evaluate"):
         tags = by_stage[name].data.tags
         assert any(k.startswith("dvc.") and k.endswith(".md5") for k in tags), (name, tags)
@@ -169,7 +172,7 @@ def test_browser_trigger_form_and_grid(stack, pipeline_run):
         text = form.inner_text()
         page.screenshot(path=str(ARTIFACTS / "airflow-trigger-form.png"))
         for title in ("Preset", "Data source", "Scheduler", "Nodes", "Stage", "Recipe", "Seed", "Experiment",
-                      "Max failure rate", "Ablation", "Steps", "Overrides"):
+                      "Max failure rate", "Ablation", "Engine ablation", "Steps", "Overrides"):
             assert title in text, f"Params form lacks {title!r}"
         page.keyboard.press("Escape")
 

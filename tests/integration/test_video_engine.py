@@ -168,3 +168,24 @@ def test_finetune_video_trains_registers_and_resumes_exactly(engine_outputs, tmp
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_engine_with_the_llm_summarizer_from_a_local_chat_model(engine_outputs, tiny_corpus, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peflow.models.lm import train_tokenizer
+
+    tok = train_tokenizer(["Create a concise caption of a video.", "a red circle moves to the left"] * 4, 300)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>{% endif %}")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    cfg = runner_cfg(presets.test(), "caption", captioner=engine_outputs["captioner"], data=tiny_corpus,
+                     out=tmp_path / "out", splits="val", eval_split="val", summarizer="llm",
+                     summarizer_model=tmp_path / "chat")
+    runner.execute("caption", cfg)
+    videos = list(formats.iter_video(formats.shard_paths(tmp_path / "out", "val", kind="video"), num_frames=1))
+    assert len(videos) == 8 and {v["meta"]["engine"]["summarizer"] for v in videos} == {"llm"}
+    assert all(isinstance(v["model_caption"], str) for v in videos)

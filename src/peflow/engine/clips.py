@@ -15,6 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+#: The base (phase 1) captioner's folder inside a train-captioner output: the engine's frame captioner.
+BASE = "base"
+
+
+def web_text(meta: dict[str, Any]) -> str:
+    """A video's title and description, as one text (what a video has without the engine)."""
+    return " ".join(t.strip() for t in (meta.get("title") or "", meta.get("description") or "") if t.strip())
+
 
 @dataclass
 class Clip:

@@ -127,10 +127,10 @@ def run(cfg: Config, out: Path) -> Result:
     from peflow.config import InputError
     from peflow.data.formats import decode_video_sample, find_shards, load_card
     from peflow.data.synth.writers import ShardWriter, json_bytes
+    from peflow.engine.clips import BASE, web_text
     from peflow.engine.metrics import caption_metrics
     from peflow.engine.summarize import get_summarizer
     from peflow.models.vlm import load_vlm
-    from peflow.stages.train_captioner import BASE, web_text
     from peflow.validation.shards import iter_raw
 
     try:

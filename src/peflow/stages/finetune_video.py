@@ -69,7 +69,7 @@ def clip_caption(meta: dict[str, Any], captions: str) -> str | None:
         return meta.get("model_caption") or None
     if captions == "human":
         return meta.get("human_caption") or None
-    from peflow.stages.train_captioner import web_text
+    from peflow.engine.clips import web_text
 
     return web_text(meta) or None
 

@@ -34,8 +34,6 @@ from typing import Any
 from peflow.config import opt
 from peflow.stages.base import Result
 
-BASE = "base"  #: the base (phase 1) captioner's folder inside the output
-
 
 @dataclass(kw_only=True)
 class Config:
@@ -46,7 +44,8 @@ class Config:
     out: str = opt("", "Output folder for the captioner; checkpoints go to OUT.ckpt beside it.")
     layer: int = opt(2, "PE block whose patch tokens the captioner reads (1 = first; negative counts from the "
                         "end). On the nano model block 2 of 6 beat the last for action and shape.")
-    pooling: int = opt(2, "Token pooling per side in the projector (2 = 2x2, as PLM).", min=1)
+    pooling: int = opt(2, "Token pooling per side in the projector (2 = 2x2, as PLM; the token grid must divide).",
+                       min=1)
     frames: int = opt(8, "Frames per clip, uniformly sampled, in order.", min=1)
     lm: str = opt("tiny", "Causal LM: 'tiny' (a small Llama built from a config, tokenizer trained on the corpus "
                           "text) or a Hugging Face model id or local folder.")
@@ -80,11 +79,6 @@ def _texts(images: list[Any], videos: list[Any]) -> list[str]:
     for c in videos:
         out += [c.meta.get("title") or "", c.meta.get("description") or "", c.meta.get("human_caption") or ""]
     return [t for t in out if t]
-
-
-def web_text(meta: dict[str, Any]) -> str:
-    """A video's title and description, as one text."""
-    return " ".join(t.strip() for t in (meta.get("title") or "", meta.get("description") or "") if t.strip())
 
 
 def _phase(model: Any, cfg: Config, out: str, name: str, steps: int, bank: Any, ids: Any, targets: list[str],
@@ -125,7 +119,7 @@ def run(cfg: Config, out: Path) -> Result:
     import torch
 
     from peflow.config import InputError
-    from peflow.engine.clips import read_clips, read_images, vision_bank
+    from peflow.engine.clips import BASE, read_clips, read_images, vision_bank, web_text
     from peflow.models.lm import TinyLM, new_lm
     from peflow.models.pe import load_model, resolve_checkpoint
     from peflow.models.vlm import build_vlm
