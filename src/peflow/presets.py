@@ -47,8 +47,8 @@ class Pipeline:
 
 def nano() -> Pipeline:
     """The embedded default: the nano corpus and model, about 10 minutes end to end on 2 CPU cores."""
-    from peflow.stages import caption, evaluate, finetune_video, pretrain, synth, train_captioner, validate
-    from peflow.stages import validate_captions
+    from peflow.stages import align_lang, align_spatial, caption, evaluate, finetune_video, pretrain, synth
+    from peflow.stages import train_captioner, validate, validate_captions
 
     return Pipeline(name="nano", nodes="2x1", configs={
         "synth": synth.Config(corpus="nano", seed=0),
@@ -71,6 +71,10 @@ def nano() -> Pipeline:
         "validate-captions": validate_captions.Config(max_failure_rate=0.05),
         # 0.44 s per step (8 frames x 32 clips); lr 1e-3 vs 2e-4: t2v R@1 11.9% vs 13.1% (engine captions)
         "finetune-video": finetune_video.Config(captions="engine", frames=8, steps=150, global_batch=32, lr=1e-3),
+        "align-lang": align_lang.Config(layer="auto", compare_last=True, frames=4, images=3000, warmup_steps=100,
+                                        steps=400, global_batch=32, lr=2e-3),
+        "align-spatial": align_spatial.Config(teacher_layer="auto", masks="superpixels", points=8, images=2000,
+                                              steps=300, global_batch=32, lr=2e-3),
         "evaluate": evaluate.Config(probes=True, probe_train=2000, probe_test=500, video_frames=8),
     })
 
@@ -88,6 +92,10 @@ def test() -> Pipeline:
                          validate_captions={"min_caption_words": 1, "max_caption_repeats": 64,
                                             "max_failure_rate": 0.5},
                          finetune_video={"steps": 4, "global_batch": 8, "frames": 4, "checkpoint_every": 2},
+                         align_lang={"warmup_steps": 2, "steps": 4, "global_batch": 8, "images": 40, "probe_images": 40,
+                                     "frames": 2, "lm_width": 32, "vocab_size": 300, "checkpoint_every": 2},
+                         align_spatial={"steps": 4, "global_batch": 8, "images": 40, "probe_images": 40, "points": 4,
+                                        "checkpoint_every": 2},
                          evaluate={"probe_train": 120, "probe_test": 24, "video_frames": 4})
 
 

@@ -20,7 +20,8 @@ def test_variants_rerun_their_roots_and_what_reads_them():
     assert stages.get_variant("metadata").stages() == ["finetune-video", "evaluate"]
     ids = [t.id for t in orchestration.tasks()]
     assert ids == ["synth", "validate", "pretrain", "train-captioner", "caption", "validate-captions",
-                   "finetune-video", "evaluate", "pretrain_ablation", "evaluate_ablation",
+                   "finetune-video", "align-lang", "align-spatial", "evaluate", "pretrain_ablation",
+                   "evaluate_ablation",
                    "finetune-video_metadata", "evaluate_metadata"]
 
 
@@ -37,6 +38,9 @@ def test_engine_ablation_finetunes_on_web_text_and_evaluates_its_own_model(tmp_p
 def test_recipe_ablation_leaves_the_video_model_it_does_not_remake_out(tmp_path):
     cfgs = orchestration.resolve(_cfg(tmp_path, ablation=True))
     assert cfgs["evaluate_ablation"].video_checkpoint == ""  # the main video model stems from the main recipe
+    assert cfgs["evaluate_ablation"].lang == "" and cfgs["evaluate_ablation"].spatial == ""  # so do the aligned ones
+    assert cfgs["evaluate"].lang == str(tmp_path / "run" / "align-lang")
+    assert cfgs["evaluate"].spatial == str(tmp_path / "run" / "align-spatial")
     assert cfgs["evaluate"].video_checkpoint == str(tmp_path / "run" / "finetune-video")
     up = {t.id for t in orchestration.Task("evaluate", "ablation").upstream}
     assert up == {"pretrain_ablation", "validate"}

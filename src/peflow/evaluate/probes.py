@@ -291,6 +291,11 @@ class ProbeResult:
     chance: dict[str, float]  # task -> score of a guess, where there is one
     counts: dict[str, int]
     notes: list[str]
+    depth_var: float | None = None  # variance of the test patches' depth: RMSE = sqrt((1 - R^2) * depth_var)
+
+    def depth_rmse(self, r2: float) -> float | None:
+        """The depth probe's test RMSE from its R^2."""
+        return None if self.depth_var is None else float(np.sqrt(max(0.0, 1.0 - r2) * self.depth_var))
 
     def to_json(self) -> dict[str, Any]:
         """The per-layer table written as `layers.json`."""
@@ -358,8 +363,10 @@ def probe_layers(taps: LayerTaps, data_root: str | Path, *, text_encoder: Callab
     counts = {"probe_images/train": len(train), "probe_images/test": len(test),
               "probe_patches/train": len(train.seg) if train.seg is not None else 0,
               "probe_patches/test": len(test.seg) if test.seg is not None else 0}
+    depth_var = float(test.depth.double().var(unbiased=False)) if "depth" in per_layer else None
     return ProbeResult(layers=layers, per_layer=per_layer, metrics=summarise(per_layer, layers),
-                       chance={t: c for t, c in chance.items() if t in per_layer}, counts=counts, notes=notes)
+                       chance={t: c for t, c in chance.items() if t in per_layer}, counts=counts, notes=notes,
+                       depth_var=depth_var)
 
 
 def run_probes(model: torch.nn.Module, data_root: str | Path, *, tokenizer: Any, train_split: str = "train",
@@ -382,9 +389,11 @@ def run_probes(model: torch.nn.Module, data_root: str | Path, *, tokenizer: Any,
     )
 
 
-def plot_layers(result: ProbeResult, path: str | Path, *, title: str = "") -> Path:
+def plot_layers(result: ProbeResult, path: str | Path, *, title: str = "",
+                others: Mapping[str, ProbeResult] | None = None) -> Path:
     """Score against layer, one panel per task: the best layer starred, the last layer
-    boxed, chance dashed. Written without a timestamp (same scores, same bytes)."""
+    boxed, chance dashed; `others` (name -> result, e.g. an aligned model) drawn beside it in
+    the panels of the tasks they have. Written without a timestamp (same scores, same bytes)."""
     from peflow.plots import pyplot, save
 
     plt = pyplot()
@@ -399,6 +408,10 @@ def plot_layers(result: ProbeResult, path: str | Path, *, title: str = "") -> Pa
                 label=f"last: layer {result.layers[-1]} ({scores[-1]:.3f})")
         ax.plot([best], [m[f"probe/{task}/best"]], "*", ms=13, color="tab:red",
                 label=f"best: layer {best} ({m[f'probe/{task}/best']:.3f})")
+        for (name, other), colour in zip((others or {}).items(), ("tab:green", "tab:purple", "tab:orange")):
+            if task in other.per_layer:
+                ax.plot(other.layers, other.per_layer[task], "^--", ms=3, color=colour,
+                        label=f"{name}: last {other.per_layer[task][-1]:.3f}")
         if task in result.chance:
             ax.axhline(result.chance[task], color="grey", ls="--", lw=1, label=f"chance ({result.chance[task]:.3f})")
         ax.set_xlabel("layer")

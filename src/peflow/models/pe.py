@@ -269,6 +269,75 @@ def unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# -- alignment regularisers and the official vision-only layouts (PE-Lang, PE-Spatial) ---------------
+
+def add_layer_scale(trunk: torch.nn.Module, *, init: float, drop_path: float = 0.0) -> None:
+    """Give every block of a timm PE trunk LayerScale (new gammas at `init`; paper: 0.1 on a core checkpoint
+    that has none) and DropPath at rate `drop_path` (constant over depth), in place. Kept gammas are left."""
+    from timm.layers import DropPath
+
+    for block in trunk.blocks:
+        for i in (1, 2):
+            if getattr(block, f"gamma_{i}") is None and init > 0:
+                setattr(block, f"gamma_{i}", torch.nn.Parameter(torch.full((trunk.embed_dim,), float(init))))
+            setattr(block, f"drop_path{i}", DropPath(drop_path) if drop_path > 0 else torch.nn.Identity())
+
+
+@torch.no_grad()
+def fold_layer_scale(trunk: torch.nn.Module) -> None:
+    """Fold each block's LayerScale into the matrix before it (attention out-projection, MLP fc2) and drop
+    DropPath, in place: the same function in the plain architecture, so `save_model`/`load_model` and
+    the layer taps work on an aligned trunk unchanged."""
+    for block in trunk.blocks:
+        for i, layer in ((1, block.attn.proj), (2, block.mlp.fc2)):
+            gamma = getattr(block, f"gamma_{i}")
+            if gamma is not None:
+                layer.weight.mul_(gamma[:, None])
+                if layer.bias is not None:
+                    layer.bias.mul_(gamma)
+                setattr(block, f"gamma_{i}", None)
+            setattr(block, f"drop_path{i}", torch.nn.Identity())
+
+
+#: timm PE trunk name -> official PE name (the inverse of timm's `_convert_pe` for the keys it renames)
+_TO_OFFICIAL = (("patch_embed.proj", "conv1"), ("blocks.", "transformer.resblocks."), ("norm_pre", "ln_pre"),
+                (".norm1", ".ln_1"), (".norm2", ".ln_2"), ("attn.qkv.", "attn.in_proj_"),
+                ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                ("gamma_1", "ls_1.gamma"), ("gamma_2", "ls_2.gamma"))
+
+
+def official_vision_state(trunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A PE trunk's state in the official vision-only layout of `facebook/PE-Lang-*` and `PE-Spatial-*`:
+    no `visual.` prefix, no `ln_post`, attention pool or projection (research/perception-encoder.md 1.6);
+    LayerScale as `ls_{1,2}.gamma`. timm's `checkpoint_filter_fn` loads it back into the trunk."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in trunk.state_dict().items():
+        if key.startswith(("norm.", "attn_pool.", "head.", "fc_norm.")) or "rope" in key:
+            continue
+        if key == "cls_token":
+            out["class_embedding"] = value.reshape(-1)
+            continue
+        if key == "pos_embed":
+            out["positional_embedding"] = value[0]
+            continue
+        for old, new in _TO_OFFICIAL:
+            key = key.replace(old, new)
+        out[key] = value
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def save_official_vision(trunk: torch.nn.Module, path: str | Path) -> Path:
+    """Write `official_vision_state(trunk)` as a `.pt` state dict (the official checkpoints' format), atomically."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(official_vision_state(trunk), tmp)
+    os.replace(tmp, path)
+    return path
+
+
 MODEL_FILE = "model.safetensors"
 MODEL_CARD = "model.json"
 

@@ -280,19 +280,49 @@ register(Stage(
     key_metrics=("train/final_loss", "train/clips_per_s"),
 ))
 register(Stage(
+    name="align-lang",
+    module="peflow.stages.align_lang",
+    summary="PE lang: PE-core cut at an intermediate layer (auto: a frozen QA probe picks it), LayerScale and "
+            "DropPath, aligned to a causal LM on captions and image and video QA; encoder saved in the PE-Lang "
+            "layout.",
+    inputs=(("checkpoint", "pretrain"), ("data", "validate")),
+    distributed=True,
+    code=("src/peflow/models", "src/peflow/train", "src/peflow/engine/clips.py", "src/peflow/evaluate/qa.py",
+          "src/peflow/evaluate/probes.py", "src/peflow/data/formats.py"),
+    resources={"cpu": 2, "gpu": 0, "memMB": 8192},
+    model_name="peflow-lang",
+    key_metrics=("layer", "chosen/final_loss", "last/final_loss"),
+))
+register(Stage(
+    name="align-spatial",
+    module="peflow.stages.align_spatial",
+    summary="PE spatial: PE-core's last layer aligned to its best dense layer (frozen teacher) and to mask-logit "
+            "similarities (superpixels, or SAM 2), masked input, LayerScale, LAMB; saved in the PE-Spatial layout.",
+    inputs=(("checkpoint", "pretrain"), ("data", "validate")),
+    distributed=True,
+    code=("src/peflow/models", "src/peflow/train", "src/peflow/engine/clips.py", "src/peflow/evaluate/probes.py",
+          "src/peflow/data/formats.py"),
+    resources={"cpu": 2, "gpu": 0, "memMB": 8192},
+    model_name="peflow-spatial",
+    key_metrics=("teacher_layer", "train/final_loss_core", "train/final_loss_loc"),
+))
+register(Stage(
     name="evaluate",
     module="peflow.stages.evaluate",
     summary="Zero-shot classification (clean and shift splits, robustness average), retrieval, layer probes; "
-            "video zero-shot and retrieval of the image-only and the video-finetuned model.",
-    inputs=(("checkpoint", "pretrain"), ("data", "validate"), ("video_checkpoint", "finetune-video")),
-    optional=("video_checkpoint",),
+            "video zero-shot and retrieval of the image-only and the video-finetuned model; PE lang's QA per "
+            "question type; dense probes and tracking of PE-core and PE spatial.",
+    inputs=(("checkpoint", "pretrain"), ("data", "validate"), ("video_checkpoint", "finetune-video"),
+            ("lang", "align-lang"), ("spatial", "align-spatial")),
+    optional=("video_checkpoint", "lang", "spatial"),
     code=("src/peflow/evaluate", "src/peflow/models", "src/peflow/data/formats.py"),
     evaluates="peflow-core",
     champion_metric="zeroshot/test/top1",
     key_metrics=("zeroshot/test/top1", "zeroshot/test/top1_atypical_colour", "zeroshot_colour/test/top1",
                  "zeroshot/robustness_avg", "retrieval/i2t/R1", "retrieval/t2i/R1", "probe/*/best*",
                  "probe/*/last", "video/*/zeroshot/top1", "video/*/zeroshot_motion/top1",
-                 "video/*/retrieval/t2v/R1", "video/*/retrieval/v2t/R1"),
+                 "video/*/retrieval/t2v/R1", "video/*/retrieval/v2t/R1", "lang/*/qa/*/mean*",
+                 "dense/*/*"),
 ))
 
 

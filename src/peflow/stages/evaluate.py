@@ -4,7 +4,12 @@ held-out split and each distribution-shift split, and image-text retrieval
 segmentation, depth, language at every block; metric names in docs/metrics.md).
 On held-out videos (`video_split`): zero-shot on the 10 actions and the 7 motion
 types, text-video retrieval, for the image-only model (`video/core/`) and the
-video-finetuned one (`video/finetuned/`, from `video_checkpoint`).
+video-finetuned one (`video/finetuned/`, from `video_checkpoint`). PE lang (`lang`, the
+align-lang output): QA accuracy per question type next to the majority answer, for the
+chosen and the last layer (`lang/{chosen,last}/qa/`). Dense rows (the paper's Tab. 36):
+segmentation mIoU, depth R^2 and RMSE and tracking J (label propagation over the held-out
+videos' instance masks) of PE-core's last and best intermediate layer and of PE spatial's
+last layer (`spatial`, the align-spatial output): `dense/{core_last,core_best,spatial_last}/`.
 
 Outputs:
   OUT/metrics.json   flat name -> number, the same numbers logged to MLflow
@@ -12,6 +17,7 @@ Outputs:
   OUT/layers.png     probe score against layer, one panel per probe task (with probes on)
   OUT/layers.json    the per-layer probe table (with probes on)
   OUT/video_confusion.png, OUT/video_confusion.json   action confusion matrices (with video on)
+  OUT/qa_examples.json   PE lang's answers to the first held-out questions (with lang)
   OUT/manifest.json  config, input hashes (corpus digest, checkpoint hash), counts
 
 The checkpoint is a peflow checkpoint folder (`model.safetensors` +
@@ -69,6 +75,15 @@ class Config:
     video: bool = opt(True, "Evaluate on held-out videos too (video/* metrics), when the corpus has them.")
     video_split: str = opt("test", "Held-out video split (zero-shot on its actions, retrieval of its human captions).")
     video_frames: int = opt(8, "Frames per clip, uniformly sampled and averaged.", min=1)
+    lang: str = opt("", "PE lang (the align-lang stage's output): QA accuracy per question type on held-out "
+                        "images and videos, for the chosen and the last layer (lang/*); empty: skipped.")
+    qa_images: int = opt(300, "Held-out images whose questions PE lang answers (the first N of video_split).", min=1)
+    qa_videos: int = opt(160, "Held-out videos whose questions PE lang answers.", min=1)
+    spatial: str = opt("", "PE spatial (the align-spatial stage's output): its last layer's dense probes and "
+                           "tracking next to PE-core's last and best layers (dense/*); empty: PE-core only.")
+    tracking: bool = opt(True, "Zero-shot video object tracking by label propagation (J score, dense/*/track_j).")
+    track_videos: int = opt(40, "Held-out videos tracked (their per-frame instance masks).", min=1)
+    track_frames: int = opt(8, "Frames per tracked video.", min=2)
 
     def probe_task_list(self) -> list[str]:
         """`probe_tasks` as a list; unknown names raise ValueError."""
@@ -182,6 +197,86 @@ def evaluate_videos(models: dict[str, Any], tokenizer: Any, cfg: Config, out: Pa
     return metrics, counts
 
 
+def evaluate_lang(cfg: Config) -> tuple[dict, list[dict[str, Any]], dict]:
+    """PE lang's QA accuracy per type (and the majority baseline) for the chosen and the last layer's model."""
+    from peflow.engine.clips import read_clips, read_images
+    from peflow.evaluate.qa import evaluate_qa
+    from peflow.models.vlm import load_vlm
+    from peflow.stages.align_lang import LAST
+
+    folders = {"chosen": Path(cfg.lang), "last": Path(cfg.lang) / LAST}
+    models = {tag: load_vlm(f) for tag, f in folders.items() if (f / "vlm.json").is_file()}
+    if not models:
+        raise InputError(f"lang {cfg.lang}: no PE lang model (vlm.json) here")
+    frames = next(iter(models.values())).max_frames
+    held_out = {"image": read_images(cfg.data, cfg.video_split, limit=cfg.qa_images),
+                "video": read_clips(cfg.data, cfg.video_split, frames=frames, limit=cfg.qa_videos)}
+    train = {"image": read_images(cfg.data, "train", limit=5000), "video": read_clips(cfg.data, "train", frames=1)}
+    metrics: dict[str, float] = {}
+    examples: list[dict[str, Any]] = []
+    for tag, model in models.items():
+        m, shown = evaluate_qa(model, held_out, train, prefix=f"lang/{tag}/qa", batch_size=cfg.batch_size)
+        metrics.update(m)
+        metrics[f"lang/{tag}/layer"] = float(model.layer)
+        examples += [{"model": tag, "layer": model.layer, **e} for e in shown]
+    counts = {"qa_images": len(held_out["image"]), "qa_videos": len(held_out["video"])}
+    return metrics, examples, counts
+
+
+def evaluate_dense(core: Any, probes: ProbeResult | None, cfg: Config) -> tuple[dict, ProbeResult | None, dict]:
+    """The three rows of the paper's Tab. 36: PE-core's last layer, PE-core's best intermediate layer and PE
+    spatial's last layer: frozen per-patch segmentation mIoU, depth R^2 and RMSE, and tracking J."""
+    from peflow.evaluate.probes import DENSE_TASKS, pe_layer_taps, run_probes
+    from peflow.evaluate.tracking import track_videos
+    from peflow.models.pe import load_model, resolve_checkpoint
+
+    rows: dict[str, dict[str, float]] = {"core_last": {}, "core_best": {}}
+    spatial_model = spatial_probes = None
+    if cfg.spatial:
+        spatial_model = load_model(resolve_checkpoint(cfg.spatial)).eval()
+        rows["spatial_last"] = {}
+        if probes is not None and any(t in probes.per_layer for t in DENSE_TASKS):
+            spatial_probes = run_probes(spatial_model, cfg.data, tokenizer=None, probe_train=cfg.probe_train,
+                                        probe_test=cfg.probe_test, image_size=cfg.image_size,
+                                        tasks=[t for t in DENSE_TASKS if t in probes.per_layer],
+                                        batch_size=cfg.batch_size)
+    for task, name in (("seg", "seg_miou"), ("depth", "depth_r2")):
+        if probes is None or task not in probes.per_layer:
+            continue
+        scores = probes.per_layer[task]
+        best = max(range(len(scores) - 1), key=lambda i: scores[i]) if len(scores) > 1 else 0
+        rows["core_last"][name], rows["core_best"][name] = scores[-1], scores[best]
+        rows["core_best"][f"{task}_layer"] = float(probes.layers[best])
+        if spatial_probes is not None:
+            rows["spatial_last"][name] = spatial_probes.per_layer[task][-1]
+        if task == "depth":
+            for row, r2, result in (("core_last", scores[-1], probes), ("core_best", scores[best], probes),
+                                    ("spatial_last", rows.get("spatial_last", {}).get(name), spatial_probes)):
+                if r2 is not None and result is not None and result.depth_rmse(r2) is not None:
+                    rows[row]["depth_rmse"] = result.depth_rmse(r2)
+    counts: dict[str, Any] = {}
+    if cfg.tracking:
+        try:
+            core_track = track_videos(pe_layer_taps(core, cfg.image_size), cfg.data, cfg.video_split,
+                                      num_videos=cfg.track_videos, num_frames=cfg.track_frames)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"peflow evaluate: note: tracking skipped ({e})")
+        else:
+            layers = sorted(core_track.per_layer)
+            inner = layers[:-1] or layers
+            best = max(inner, key=lambda k: core_track.per_layer[k])
+            rows["core_last"]["track_j"] = core_track.last
+            rows["core_best"]["track_j"], rows["core_best"]["track_layer"] = core_track.per_layer[best], float(best)
+            counts["tracked_videos"] = core_track.videos
+            if spatial_model is not None:
+                taps = pe_layer_taps(spatial_model, cfg.image_size)
+                track = track_videos(taps, cfg.data, cfg.video_split, num_videos=cfg.track_videos,
+                                     num_frames=cfg.track_frames, layers=[taps.layers[-1]])
+                rows["spatial_last"]["track_j"] = track.last
+    metrics = {f"dense/{row}/{k}": float(v) for row, values in rows.items() for k, v in values.items()}
+    return metrics, spatial_probes, counts
+
+
 def run(cfg: Config, out: Path) -> Result:
     """Evaluate `cfg.checkpoint` on `cfg.data` into `out` (the runner's staging folder)."""
     import torch
@@ -220,13 +315,26 @@ def run(cfg: Config, out: Path) -> Result:
         video_metrics, video_counts = evaluate_videos(models, tokenizer, cfg, out)
         metrics.update(video_metrics)
         counts.update(video_counts)
+    spatial_probes = None
+    if cfg.probes or cfg.tracking or cfg.spatial:
+        dense_metrics, spatial_probes, dense_counts = evaluate_dense(model, probes, cfg)
+        metrics.update(dense_metrics)
+        counts.update(dense_counts)
+    if cfg.lang:
+        import json
+
+        lang_metrics, qa_examples, lang_counts = evaluate_lang(cfg)
+        metrics.update(lang_metrics)
+        counts.update(lang_counts)
+        (out / "qa_examples.json").write_text(json.dumps(qa_examples, indent=1) + "\n")
     seconds = time.perf_counter() - t0
 
     title = f"{preset} · {ckpt.name} · {Path(cfg.data).name}"
     plot_metrics({k: v for k, v in metrics.items() if not k.startswith("probe/")}, out / "metrics.png", title=title)
     if probes is not None:
         write_layers_json(probes, out / "layers.json")
-        plot_layers(probes, out / "layers.png", title=f"layer-by-layer probes · {title}")
+        plot_layers(probes, out / "layers.png", title=f"layer-by-layer probes · {title}",
+                    others={"PE spatial": spatial_probes} if spatial_probes is not None else None)
     print(f"peflow evaluate: {len(metrics)} metrics in {seconds:.1f}s -> {cfg.out}")
     for k in ("zeroshot/test/top1", "zeroshot/test/top1_atypical_colour", "zeroshot/robustness_avg",
               "zeroshot_colour/test/top1", "zeroshot_position/test/top1", "retrieval/i2t/R1", "retrieval/t2i/R1"):
@@ -236,6 +344,8 @@ def run(cfg: Config, out: Path) -> Result:
         best, last = int(metrics[f"probe/{task}/best_layer"]), probes.layers[-1]
         print(f"  probe/{task}: best layer {best} = {metrics[f'probe/{task}/best']:.4f}, "
               f"last layer {last} = {metrics[f'probe/{task}/last']:.4f}")
+    for k in sorted(k for k in metrics if k.startswith("dense/") or (k.startswith("lang/") and k.endswith("/mean"))):
+        print(f"  {k} = {metrics[k]:.4f}")
     for k in sorted(k for k in metrics if k.startswith("video/") and k.endswith(("/zeroshot/top1",
                                                                              "zeroshot_motion/top1", "t2v/R1"))):
         print(f"  {k} = {metrics[k]:.4f}")

@@ -54,14 +54,15 @@ class CaptionObjective(Objective):
     def __init__(self, model: VisionLanguageModel, bank: torch.Tensor, frame_ids: torch.Tensor,
                  targets: Sequence[str], *, prompts: Sequence[str] | None = None, frozen_tower: bool = True,
                  train_parts: str = "projector,lm", max_len: int = 96, weight_decay: float = 0.01,
-                 name: str = "captioner") -> None:
+                 tower_lr_scale: float = 1.0, name: str = "captioner") -> None:
         """`bank`: vision tokens [M, P, D] (frozen tower) or frames [M, 3, S, S]; `frame_ids` [N, F]:
         each example's bank rows in order, -1 = padding; `train_parts`: comma-separated parts that
-        learn (tower, projector, lm)."""
+        learn (tower, projector, lm); `tower_lr_scale`: the tower's learning rate as a fraction of the rest's."""
         if len(frame_ids) != len(targets):
             raise ValueError(f"{len(frame_ids)} examples' frames but {len(targets)} targets")
         self.model, self.bank, self.frame_ids = model, bank, frame_ids
         self.frozen_tower, self.weight_decay, self.name = frozen_tower, weight_decay, name
+        self.tower_lr_scale = tower_lr_scale
         self.parts = {p.strip() for p in train_parts.split(",") if p.strip()}
         bad = self.parts - {"tower", "projector", "lm"}
         if bad or not self.parts:
@@ -81,12 +82,18 @@ class CaptionObjective(Objective):
                                 world_size=dist.world_size, seed=settings.seed)
 
     def build_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        """AdamW over the parts that learn (no decay on norms, biases and embeddings of one dimension)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+        """AdamW over the parts that learn (no decay on norms, biases and embeddings of one dimension;
+        the tower at `tower_lr_scale` of `lr`)."""
+        tower = {id(p) for p in model.tower.parameters()}
+        groups = []
+        for in_tower, scale in ((False, 1.0), (True, self.tower_lr_scale)):
+            params = [p for p in model.parameters() if p.requires_grad and (id(p) in tower) == in_tower]
+            for decay in (True, False):
+                chosen = [p for p in params if (p.ndim >= 2) == decay]
+                if chosen:
+                    groups.append({"params": chosen, "weight_decay": self.weight_decay if decay else 0.0,
+                                   "lr": lr * scale})
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
     def batch(self, step: int) -> Batch:
         """(visual, frame mask, input ids, attention mask, labels) of this rank's rows."""
