@@ -99,7 +99,7 @@ def evaluate_qa(model: Any, held_out: dict[str, Sequence[Any]], train: dict[str,
         answers = answer_questions(model, examples, batch_size=batch_size)
         metrics.update(qa_accuracy(answers, examples, majority, prefix=f"{prefix}/{modality}"))
         shown += [{"modality": modality, "key": c.key, "type": qa["type"], "question": qa["question"],
-                   "answer": qa["answer"], "model": a} for (c, qa), a in list(zip(examples, answers))[:20]]
+                   "answer": qa["answer"], "prediction": a} for (c, qa), a in list(zip(examples, answers))[:20]]
     return metrics, shown
 
 

@@ -15,8 +15,8 @@ scores and the choice are written to OUT/layer.json. With `compare_last` a secon
 aligned the same way on the last layer, for the paper's Tab. 9 comparison (evaluate reports
 both).
 
-Two phases, as the paper's: (1) warm-up, projector only (the encoder and the LM frozen), on
-image captions; (2) all parameters, on image captions plus question answering over images and
+Two phases, as the paper's: (1) warm-up, projector only (the encoder and the LM frozen; with
+the tiny LM, which has no language pretraining, `warmup_parts` adds the LM), on image captions; (2) all parameters, on image captions plus question answering over images and
 videos (the corpus's QA pairs: count, colour, shape, position, action). Distributed like
 pretrain (`peflow launch align-lang -j 2x1`); rank 0 writes the outputs.
 
@@ -67,7 +67,10 @@ class Config:
                              min=0.0)
     drop_path: float = opt(0.1, "DropPath rate on the encoder's blocks (paper 0.1).", min=0.0)
     images: int = opt(3000, "Train images (captions and QA) used by both phases.", min=1)
-    warmup_steps: int = opt(100, "Phase 1 steps: projector only, on image captions.", min=0)
+    warmup_steps: int = opt(100, "Phase 1 steps: projector only (see warmup_parts), on image captions.", min=0)
+    warmup_parts: str = opt("projector", "Parts that learn in phase 1 (comma-separated: projector, lm). The paper "
+                                         "trains the projector alone on a pretrained LM; the tiny LM has no "
+                                         "language pretraining, so the CPU presets warm it up too.")
     steps: int = opt(400, "Phase 2 steps: all parameters, on captions and image and video QA.", min=1)
     global_batch: int = opt(32, "Examples per step over all processes.", min=1)
     lr: float = opt(2e-3, "Peak learning rate of the projector and the LM (AdamW; warm-up then cosine).", min=0.0)
@@ -82,6 +85,9 @@ class Config:
     progress: bool = opt(True, "Show progress bars (rank 0).", key=False)
 
     def validate(self) -> None:
+        parts = {p.strip() for p in self.warmup_parts.split(",") if p.strip()}
+        if not parts or parts - {"projector", "lm"}:
+            raise ValueError(f"warmup_parts must name projector and/or lm, got {self.warmup_parts!r}")
         if self.layer != "auto":
             try:
                 int(self.layer)
@@ -152,8 +158,9 @@ def _pixel_bank(clips: list[Any], size: int) -> tuple[Any, Any]:
 
 
 def _align(cfg: Config, pe_model: Any, layer: int, tokenizer_lm: tuple[Any, Any], images: list[Any],
-           videos: list[Any], dist: Any, on_step: Any) -> tuple[Any, list[dict[str, Any]]]:
-    """Both phases for one layer; returns the model (LayerScale unfolded) and its history rows."""
+           videos: list[Any], dist: Any, on_step: Any, mlflow_offset: int = 0) -> tuple[Any, list[dict[str, Any]]]:
+    """Both phases for one layer; returns the model (LayerScale unfolded) and its history rows (steps from 0;
+    `on_step` gets them `mlflow_offset` later)."""
     import copy
 
     import torch
@@ -181,13 +188,13 @@ def _align(cfg: Config, pe_model: Any, layer: int, tokenizer_lm: tuple[Any, Any]
         for row in got:
             row = {**row, "phase": name, "layer": layer, "step": row["step"] + offset}
             history.append(row)
-            if on_step:
-                on_step(row)
+            if on_step:  # MLflow steps count over every model of the run, so the curves follow each other
+                on_step({**row, "step": row["step"] + mlflow_offset})
 
     if cfg.warmup_steps:
         model.eval()
         bank, (ids,) = vision_bank(model, [images])
-        objective = CaptionObjective(model, bank, ids, [c.caption for c in images], train_parts="projector",
+        objective = CaptionObjective(model, bank, ids, [c.caption for c in images], train_parts=cfg.warmup_parts,
                                      max_len=cfg.max_text_tokens, name=f"align-lang L{layer} warm-up")
         model, got = fit(objective, settings("warmup", cfg.warmup_steps), dist, progress=cfg.progress)
         rows("warmup", got, 0)
@@ -236,8 +243,9 @@ def run(cfg: Config, out: Path | None) -> Result | None:
 
             logger = StepLogger(mlflow.active_run())
         models, history = [], []
-        for n in layers:
-            model, rows = _align(cfg, pe_model, n, lm_tok, images, videos, dist, logger)
+        for i, n in enumerate(layers):
+            model, rows = _align(cfg, pe_model, n, lm_tok, images, videos, dist, logger,
+                                 mlflow_offset=i * (cfg.warmup_steps + cfg.steps))
             models.append(model)
             history += rows
         if dist.rank != 0:
