@@ -29,8 +29,8 @@ def key_metrics() -> list[str]:
     return [stages.stage_key(s.name, m) for s in reversed(stages.all_stages()) for m in s.key_metrics]
 
 
-LOWER_IS_BETTER = ("*loss*", "time/*", "*/seconds")
-UNRANKED = ("*best_layer", "*/steps", "*chance*", "*majority*")
+LOWER_IS_BETTER = ("*loss*", "time/*", "*/seconds", "*rmse*")
+UNRANKED = ("*best_layer", "*/steps", "*chance*", "*majority*", "*_layer", "*/layer", "*teacher_layer", "*/depth")
 BEST_MARK = "*"
 
 

@@ -95,6 +95,42 @@ def video_table(values: Mapping[str | None, Mapping[str, float]]) -> list[list[s
     return rows
 
 
+#: The paper's Tab. 36 rows (evaluate's dense/* metrics) and columns.
+DENSE_ROWS = (("PE-core, last layer", "core_last"), ("PE-core, best intermediate layer", "core_best"),
+              ("PE spatial, last layer", "spatial_last"))
+DENSE_COLUMNS = (("seg mIoU", "seg_miou"), ("depth R^2", "depth_r2"), ("depth RMSE", "depth_rmse"),
+                 ("tracking J", "track_j"))
+QA_TYPES = (("image", ("count", "colour", "shape", "position", "mean")),
+            ("video", ("action", "colour", "shape", "count", "mean")))
+
+
+def dense_table(metrics: Mapping[str, float]) -> list[list[str]]:
+    """Rows of the dense table (the main run's evaluate metrics), for the rows it has."""
+    rows = []
+    for label, row in DENSE_ROWS:
+        prefix = f"evaluate/dense/{row}/"
+        if any(k.startswith(prefix) for k in metrics):
+            cells = []
+            for _, m in DENSE_COLUMNS:
+                v, layer = metrics.get(prefix + m), metrics.get(f"{prefix}{m.split('_')[0]}_layer")
+                cells.append(_fmt(v) + (f" (layer {layer:.0f})" if v is not None and layer is not None else ""))
+            rows.append([label, *cells])
+    return rows
+
+
+def qa_table(metrics: Mapping[str, float]) -> list[list[str]]:
+    """PE lang's QA accuracy per type: the chosen layer, the last layer and the majority answer."""
+    rows = []
+    for modality, types in QA_TYPES:
+        for t in types:
+            chosen = metrics.get(f"evaluate/lang/chosen/qa/{modality}/{t}")
+            if chosen is None:
+                continue
+            rows.append([f"{modality} {t}", _fmt(chosen), _fmt(metrics.get(f"evaluate/lang/last/qa/{modality}/{t}")),
+                         _fmt(metrics.get(f"evaluate/lang/chosen/qa/{modality}/{t}_majority"))])
+    return rows
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "—"
@@ -164,6 +200,17 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
                   "up/down, grow/shrink) look the same: the 7 motion types merge those pairs (docs/video.md). "
                   "The (a) row needs the engine ablation (Param engine_ablation).</p>",
                   _table(["model", *(c for c, _ in VIDEO_COLUMNS)], video)]
+    main = values.get(None, {})
+    qa = qa_table(main)
+    if qa:
+        layers = (main.get("evaluate/lang/chosen/layer"), main.get("evaluate/lang/last/layer"))
+        parts += ["<h2>PE lang: question answering on held-out images and videos</h2>",
+                  _table(["question type", f"chosen layer ({_fmt(layers[0])})", f"last layer ({_fmt(layers[1])})",
+                          "majority answer"], qa)]
+    dense = dense_table(main)
+    if dense:
+        parts += ["<h2>Dense probes and tracking (paper Tab. 36)</h2>",
+                  _table(["features", *(c for c, _ in DENSE_COLUMNS)], dense)]
     parts.append("<h2>Plots</h2>")
     for stage in dict.fromkeys(s["stage"] for s in summaries):
         figs = []

@@ -40,7 +40,7 @@ def test_dag_test_runs_the_whole_pipeline(airflow_env, tiny_corpus, tmp_path):
     children = {x.data.tags["peflow.stage"]: x for x in runs
                 if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"validate", "pretrain", "train-captioner", "caption", "validate-captions",
-                             "finetune-video", "evaluate"}
+                             "finetune-video", "align-lang", "align-spatial", "evaluate"}
     assert children["validate"].data.tags["dvc.data.md5"].endswith(".dir")
     assert children["pretrain"].data.tags["dvc.data.md5"] == children["evaluate"].data.tags["dvc.data.md5"]
     assert children["evaluate"].data.tags["dvc.checkpoint.md5"].endswith(".dir")

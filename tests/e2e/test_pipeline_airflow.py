@@ -119,7 +119,7 @@ def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_stage = {r.data.tags["peflow.stage"]: r for r in children}
     assert {"validate", "pretrain", "train-captioner", "caption", "validate-captions", "finetune-video",
-            "evaluate"} <= set(by_stage)
+            "align-lang", "align-spatial", "evaluate"} <= set(by_stage)
     recipes = sorted(r.data.params["recipe"] for r in children if r.data.tags["peflow.stage"] == "pretrain")
     assert recipes == ["pe", "vanilla"]  # the ablation trained the other recipe too
     assert "ablation/evaluate/zeroshot/test/top1" in parent.data.metrics
@@ -128,6 +128,7 @@ def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
     assert "main (pe)" in report and "ablation (vanilla)" in report and "evaluate/zeroshot/test/top1" in report
     assert "metadata/evaluate/video/finetuned/zeroshot/top1" in parent.data.metrics  # the engine ablation
     assert "finetuned on title + description (a)" in report and "finetuned on the engine" in report
+    assert "PE lang: question answering" in report and "PE spatial, last layer" in report
     for name in ("validate", "pretrain", "evaluate"):
         tags = by_stage[name].data.tags
         assert any(k.startswith("dvc.") and k.endswith(".md5") for k in tags), (name, tags)

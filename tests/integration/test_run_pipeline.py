@@ -14,7 +14,8 @@ from peflow import io, orchestration
 
 pytestmark = pytest.mark.slow
 
-VIDEO_CHAIN = ("validate", "pretrain", "train-captioner", "caption", "validate-captions", "finetune-video", "evaluate")
+VIDEO_CHAIN = ("validate", "pretrain", "train-captioner", "caption", "validate-captions", "finetune-video",
+               "align-lang", "align-spatial", "evaluate")
 
 
 def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
@@ -28,6 +29,7 @@ def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
     metrics = summaries[-1]["metrics"]
     assert "zeroshot/test/top1" in metrics and "retrieval/i2t/R1" in metrics
     assert "video/core/zeroshot/top1" in metrics and "video/finetuned/retrieval/t2v/R1" in metrics
+    assert "lang/chosen/qa/image/mean" in metrics and "dense/spatial_last/track_j" in metrics
     assert "refined/bleu4" in summaries[3]["metrics"] and "engine/cider" in summaries[4]["metrics"]
     model_digest = io.read_json(tmp_path / "run" / "pretrain" / io.MANIFEST)["output_digest"]
 
@@ -53,7 +55,7 @@ def test_run_all_then_rerun_one_stage(tmp_path, tiny_corpus, monkeypatch):
     champion = client.get_model_version("peflow-core", "1")
     assert champion.tags["peflow.checkpoint_digest"] == io.dataset_digest(tmp_path / "run" / "pretrain")
     assert float(champion.tags["metric.zeroshot/test/top1"]) == pytest.approx(metrics["zeroshot/test/top1"])
-    for name in ("peflow-captioner", "peflow-video"):
+    for name in ("peflow-captioner", "peflow-video", "peflow-lang", "peflow-spatial"):
         assert client.get_registered_model(name).aliases["candidate"] == 1, name
 
     # The training steps changed (pretrain's and finetune-video's): everything after validate reruns.

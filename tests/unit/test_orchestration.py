@@ -152,3 +152,18 @@ def test_report_puts_recipes_side_by_side(tmp_path):
     assert html.escape(str(outs["ablation/evaluate"] / "layers.png")) in page
     values = {None: {"evaluate/probe/seg/best": 1.0, "pretrain/train/final_loss": 2.0, "other/x": 1.0}}
     assert metric_rows(values) == ["evaluate/probe/seg/best", "pretrain/train/final_loss"]
+
+
+def test_report_tables_of_the_alignment_stages():
+    from peflow.compare import direction
+    from peflow.run_report import dense_table, qa_table
+
+    main = {"evaluate/lang/chosen/qa/image/colour": 0.37, "evaluate/lang/last/qa/image/colour": 0.33,
+            "evaluate/lang/chosen/qa/image/colour_majority": 0.16, "evaluate/dense/core_last/seg_miou": 0.2,
+            "evaluate/dense/core_best/seg_miou": 0.21, "evaluate/dense/core_best/seg_layer": 3.0,
+            "evaluate/dense/spatial_last/track_j": 0.36}
+    assert qa_table(main) == [["image colour", "0.37", "0.33", "0.16"]]
+    rows = dense_table(main)
+    assert [r[0] for r in rows] == ["PE-core, last layer", "PE-core, best intermediate layer", "PE spatial, last layer"]
+    assert rows[1][1] == "0.21 (layer 3)" and rows[2][4] == "0.36" and rows[0][2] == "—"
+    assert direction("evaluate/dense/core_last/depth_rmse") == -1 and direction("evaluate/lang/chosen/layer") == 0
