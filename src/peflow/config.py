@@ -164,3 +164,12 @@ def check_config(cfg: Any, *, where: str = "") -> None:
             raise
         except ValueError as e:
             raise ConfigError(f"{prefix}: {e}") from None
+
+
+def check_block_or_auto(value: str, field: str) -> None:
+    """A layer option: a block number (negative counts from the end) or `auto`; ValueError otherwise."""
+    if value != "auto":
+        try:
+            int(value)
+        except ValueError:
+            raise ValueError(f"{field} must be a block number or 'auto', got {value!r}") from None

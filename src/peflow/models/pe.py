@@ -119,6 +119,14 @@ def num_layers(model: torch.nn.Module) -> int:
     return len(model.visual.trunk.blocks)
 
 
+def block_index(layer: int, depth: int) -> int:
+    """Block `layer` (1-based; negative counts from the end) of a `depth`-block tower; ValueError when out of range."""
+    n = layer if layer > 0 else depth + 1 + layer
+    if not 1 <= n <= depth:
+        raise ValueError(f"layer {layer} out of range for a {depth}-block model")
+    return n
+
+
 def encode_layers(
     model: torch.nn.Module, images_BCHW: torch.Tensor, layers: Sequence[int], *, norm: bool = False
 ) -> dict[int, torch.Tensor]:

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 VLM_CARD, VLM_FILE, LM_DIR = "vlm.json", "vlm.safetensors", "lm"
+#: PE lang's last-layer comparison model, inside an align-lang output (read by evaluate).
+LAST_LAYER_DIR = "last"
 IGNORE = -100  #: label of positions that carry no loss (visual tokens, prompt, padding)
 
 
@@ -197,8 +199,10 @@ class VisionLanguageModel(nn.Module):
 def build_vlm(pe_model: nn.Module, lm: nn.Module, tokenizer: Any, *, layer: int, pooling: int = 2,
               max_frames: int = 16) -> VisionLanguageModel:
     """A vision-language model on a PE-core CLIP model's tower cut at `layer` (negative: from the end)."""
+    from peflow.models.pe import block_index
+
     depth = len(pe_model.visual.trunk.blocks)
-    layer = layer if layer > 0 else depth + 1 + layer
+    layer = block_index(layer, depth)
     grid = pe_model.visual.trunk.patch_embed.grid_size
     if grid[0] != grid[1] or grid[0] % pooling:
         raise ValueError(f"token grid {tuple(grid)} is not square or not divisible by pooling {pooling}")

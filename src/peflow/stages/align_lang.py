@@ -36,13 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peflow.config import opt
+from peflow.config import check_block_or_auto, opt
 from peflow.stages.base import Result
 
 #: The encoder in the official layout, inside each model folder.
 ENCODER_FILE = "PE-Lang.pt"
-#: The last-layer comparison model's folder inside the output.
-LAST = "last"
 
 
 @dataclass(kw_only=True)
@@ -88,11 +86,7 @@ class Config:
         parts = {p.strip() for p in self.warmup_parts.split(",") if p.strip()}
         if not parts or parts - {"projector", "lm"}:
             raise ValueError(f"warmup_parts must name projector and/or lm, got {self.warmup_parts!r}")
-        if self.layer != "auto":
-            try:
-                int(self.layer)
-            except ValueError:
-                raise ValueError(f"layer must be a block number or 'auto', got {self.layer!r}") from None
+        check_block_or_auto(self.layer, "layer")
 
 
 def _texts(images: list[Any], videos: list[Any]) -> list[str]:
@@ -107,14 +101,11 @@ def choose_layer(cfg: Config, pe_model: Any, images: list[Any]) -> tuple[int, di
     """The block to align (1-based) and the record of why."""
     from peflow.evaluate.probes import pe_layer_taps
     from peflow.evaluate.qa import qa_probe_layers
-    from peflow.models.pe import num_layers
+    from peflow.models.pe import block_index, num_layers
 
     depth = num_layers(pe_model)
     if cfg.layer != "auto":
-        n = int(cfg.layer)
-        layer = n if n > 0 else depth + 1 + n
-        if not 1 <= layer <= depth:
-            raise ValueError(f"layer {cfg.layer} out of range for a {depth}-block model")
+        layer = block_index(int(cfg.layer), depth)
         return layer, {"layer": layer, "depth": depth, "rule": "given by config"}
     scores = qa_probe_layers(pe_layer_taps(pe_model), images[:cfg.probe_images])
     layer = max(scores, key=lambda k: (scores[k], k))
@@ -262,12 +253,13 @@ def _finish(cfg: Config, out: Path, models: list[Any], history: list[dict[str, A
     import statistics
 
     from peflow.models.pe import fold_layer_scale, save_official_vision
+    from peflow.models.vlm import LAST_LAYER_DIR
     from peflow.train.report import loss_plot
 
     metrics: dict[str, float] = {"layer": float(models[0].layer), "depth": float(why["depth"])}
     for score_layer, score in (why.get("scores") or {}).items():
         metrics[f"probe/layer{score_layer}"] = float(score)
-    for model, folder, tag in zip(models, (out, out / LAST), ("chosen", "last")):
+    for model, folder, tag in zip(models, (out, out / LAST_LAYER_DIR), ("chosen", "last")):
         model = model.float().cpu().eval()
         save_official_vision(model.tower, folder / ENCODER_FILE)
         fold_layer_scale(model.tower)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peflow.config import opt
+from peflow.config import check_block_or_auto, opt
 from peflow.stages.base import Result
 
 ENCODER_FILE = "PE-Spatial.pt"
@@ -72,12 +72,7 @@ class Config:
     progress: bool = opt(True, "Show a progress bar (rank 0).", key=False)
 
     def validate(self) -> None:
-        if self.teacher_layer != "auto":
-            try:
-                int(self.teacher_layer)
-            except ValueError:
-                raise ValueError(f"teacher_layer must be a block number or 'auto', "
-                                 f"got {self.teacher_layer!r}") from None
+        check_block_or_auto(self.teacher_layer, "teacher_layer")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.masks == "sam2" and not self.sam2_model:
@@ -87,14 +82,11 @@ class Config:
 def choose_teacher_layer(cfg: Config, pe_model: Any) -> tuple[int, dict[str, Any]]:
     """The teacher's block (1-based) and the record of why."""
     from peflow.evaluate.probes import pe_layer_taps, probe_layers
-    from peflow.models.pe import num_layers
+    from peflow.models.pe import block_index, num_layers
 
     depth = num_layers(pe_model)
     if cfg.teacher_layer != "auto":
-        n = int(cfg.teacher_layer)
-        layer = n if n > 0 else depth + 1 + n
-        if not 1 <= layer <= depth:
-            raise ValueError(f"teacher_layer {cfg.teacher_layer} out of range for a {depth}-block model")
+        layer = block_index(int(cfg.teacher_layer), depth)
         return layer, {"layer": layer, "depth": depth, "rule": "given by config"}
     from peflow.data.formats import label_names
 

@@ -201,10 +201,9 @@ def evaluate_lang(cfg: Config) -> tuple[dict, list[dict[str, Any]], dict]:
     """PE lang's QA accuracy per type (and the majority baseline) for the chosen and the last layer's model."""
     from peflow.engine.clips import read_clips, read_images
     from peflow.evaluate.qa import evaluate_qa
-    from peflow.models.vlm import load_vlm
-    from peflow.stages.align_lang import LAST
+    from peflow.models.vlm import LAST_LAYER_DIR, load_vlm
 
-    folders = {"chosen": Path(cfg.lang), "last": Path(cfg.lang) / LAST}
+    folders = {"chosen": Path(cfg.lang), "last": Path(cfg.lang) / LAST_LAYER_DIR}
     models = {tag: load_vlm(f) for tag, f in folders.items() if (f / "vlm.json").is_file()}
     if not models:
         raise InputError(f"lang {cfg.lang}: no PE lang model (vlm.json) here")
