@@ -13,7 +13,7 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export PYTEST_ADDOPTS ?=
 
-.PHONY: setup test test-fast demo up down bench lock clean dvc-yaml
+.PHONY: setup test test-fast demo up down bench lock clean dvc-yaml kfp k8s
 
 setup: $(VENV)/.installed ## venv + locked install (idempotent)
 
@@ -53,3 +53,25 @@ clean:
 
 dvc-yaml: setup ## regenerate params.yaml and dvc.yaml from the nano preset and the stage registry
 	$(BIN)/python -m peflow.pipeline nano
+
+# Kubeflow Pipelines: kfp lives in an environment of its own (its pins clash with the main lock: docs/kubeflow.md).
+KFP_VENV ?= .venv-kfp
+KFP_PRESET ?= nano
+KFP_OUT ?= build/kfp
+KFP_OPTS ?=
+
+kfp: setup $(KFP_VENV)/.installed ## compile the stage graph to a KFP v2 pipeline: $(KFP_OUT)/pe_pipeline.yaml
+	$(BIN)/python -m peflow.kfp_spec $(KFP_PRESET) --out $(KFP_OUT)/pe_pipeline.json
+	$(KFP_VENV)/bin/python kfp/compile.py $(KFP_OUT)/pe_pipeline.json --out $(KFP_OUT)/pe_pipeline.yaml $(KFP_OPTS)
+
+$(KFP_VENV)/.installed: requirements/kfp.txt
+	@test -x $(KFP_VENV)/bin/python || $(PYTHON) -m venv $(KFP_VENV)
+	$(KFP_VENV)/bin/python -m pip install -q --no-deps -r requirements/kfp.txt
+	@touch $@
+
+# Kubernetes: the objects `kubectl apply -k k8s/` applies, rendered and validated offline (docs/kubernetes.md).
+K8S_OUT ?= build/k8s/peflow.yaml
+
+k8s: setup ## render k8s/ to $(K8S_OUT) and validate every object and the Airflow values against their schemas
+	$(BIN)/python -m peflow.k8s render --out $(K8S_OUT)
+	$(BIN)/python -m peflow.k8s validate

@@ -55,7 +55,7 @@ def _torchx_launch(log_name: str):
 
         try:
             launch.run(name, argv, scheduler=cfg.scheduler, j=cfg.launch_nodes(),
-                       log_dir=str(Path(cfg.out) / "_torchx_logs" / log_name))
+                       log_dir=str(orchestration.local_root(cfg) / "_torchx_logs" / log_name))
         except ValueError as e:
             raise ConfigError(str(e)) from e
 

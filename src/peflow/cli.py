@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from peflow import config, presets, stages
+from peflow import config, presets, remote, stages
 from peflow.config import base_type, field_choices, field_help, resolved_fields
 
 DEFAULT_PRESET = "nano"
@@ -123,8 +123,10 @@ def _run_pipeline(cfg: Any) -> None:
                             if isinstance(v, (int, float)) and not is_detail(k))
         table.add_row(s["task"], "yes" if s["ran"] else f"reused ({s['reused']})", f"{s['seconds']:.1f}", metrics)
     console.print(table)
-    if (Path(cfg.out) / "report.html").is_file():
-        console.print(f"report: {Path(cfg.out) / 'report.html'}")
+    report = Path(remote.localize(cfg.out)) / "report.html"
+    if report.is_file():
+        console.print(f"report: {report}" + (f" (and {remote.join(cfg.out, 'report.html')})"
+                                              if remote.is_remote(cfg.out) else ""))
 
 
 REPO = Path(__file__).resolve().parents[2]

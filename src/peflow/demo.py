@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from peflow import io, orchestration, services
+from peflow import io, orchestration, remote, services
 from peflow.airflow_api import TERMINAL, AirflowAPI
 from peflow.run_report import is_detail
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]stopped following; outputs are written atomically, nothing half-written. "
                       "The run goes on in Airflow (`make down` stops it).[/]")
         return 130
-    run_root = orchestration.run_dir(run_id)
+    run_root = Path(remote.localize(orchestration.run_dir(run_id)))
     stage_secs = sum(_seconds(t) or 0 for t in tis if t["task_id"] in {t.id for t in orchestration.tasks()})
     console.print(metrics_table(run_root))
     console.print(f"pipeline {state} in {wall:.0f}s wall; stage tasks {stage_secs:.0f}s; "

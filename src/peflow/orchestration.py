@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peflow import config, io, presets, runner, stages, tracking
+from peflow import config, io, presets, remote, runner, stages, tracking
 from peflow.config import ConfigError, opt, req
 from peflow.train.recipe import RECIPES as recipe_presets  # stdlib only: no torch at DAG parse time
 from peflow.train.recipe import other_recipe
@@ -146,14 +146,19 @@ def external(cfg: RunConfig, t: Task) -> bool:
     return t.stage == "synth" and cfg.data_source != BUILTIN
 
 
-def stage_dir(cfg: RunConfig, name: str, variant: str | None = None) -> Path:
-    """Where a stage's output lives; with an external data source, synth's is that source.
-    An ablation variant lives under OUT/ablation/."""
+def stage_dir(cfg: RunConfig, name: str, variant: str | None = None) -> str:
+    """Where a stage's output lives (a path, or an `s3://` URI under an `s3://` OUT); with an external
+    data source, synth's is that source. An ablation variant lives under OUT/ablation/."""
     if name == "synth" and cfg.data_source != BUILTIN:
-        return Path(cfg.data_source)
+        return cfg.data_source
     if variant is not None:
-        return Path(cfg.out) / variant / name
-    return Path(cfg.out) / name
+        return remote.join(cfg.out, variant, name)
+    return remote.join(cfg.out, name)
+
+
+def local_root(cfg: RunConfig) -> Path:
+    """The run's folder on this machine: OUT, or the local copy of an `s3://` OUT."""
+    return Path(remote.localize(cfg.out))
 
 
 def parse_overrides(spec: str) -> dict[str, dict[str, str]]:
@@ -245,7 +250,7 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
         raise ConfigError(f"task {task.id}: this run has no {variant} variant (set {v.param})")
     if external(cfg, task):
         source = stage_dir(cfg, name)
-        if not source.is_dir():
+        if not (remote.exists(source) if remote.is_remote(source) else Path(source).is_dir()):
             raise config.InputError(f"data_source {source}: not a folder")
         return {"stage": name, "task": task.id, "variant": None, "recipe": None, "out": str(source), "key": None,
                 "ran": False, "reused": "data source", "seconds": 0.0, "metrics": {}}
@@ -276,10 +281,10 @@ def start_pipeline_run(cfg: RunConfig, *, tags: dict[str, str] | None = None) ->
     import mlflow
 
 
-    experiment = tracking.set_experiment(tracking.tracking_uri(Path(cfg.out) / "_"), cfg.experiment)
+    experiment = tracking.set_experiment(tracking.tracking_uri(local_root(cfg) / "_"), cfg.experiment)
     all_tags = {"peflow.preset": cfg.preset, "peflow.recipe": task_recipe(cfg, None), "peflow.git_commit": git_commit(), **(tags or {})}
     client = mlflow.MlflowClient()
-    run = client.create_run(experiment.experiment_id, run_name=f"pipeline-{Path(cfg.out).name}", tags=all_tags)
+    run = client.create_run(experiment.experiment_id, run_name=f"pipeline-{remote.name(cfg.out)}", tags=all_tags)
     for k, v in dataclasses.asdict(cfg).items():
         client.log_param(run.info.run_id, k, v)
     return run.info.run_id
@@ -289,7 +294,7 @@ def end_pipeline_run(cfg: RunConfig, run_id: str, summaries: list[dict[str, Any]
     """Close the parent run: stage timings and every stage's metrics, prefixed by stage."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(Path(cfg.out) / "_"))
+    mlflow.set_tracking_uri(tracking.tracking_uri(local_root(cfg) / "_"))
     client = mlflow.MlflowClient()
     for s in summaries:
         if not s:
@@ -361,16 +366,17 @@ def params_spec() -> dict[str, dict[str, Any]]:
     return spec
 
 
-def runs_root() -> Path:
-    """Where DAG runs keep their stage folders: $PEFLOW_RUNS, else $PEFLOW_HOME/runs."""
+def runs_root() -> str:
+    """Where DAG runs keep their stage folders: $PEFLOW_RUNS (a path or an `s3://` URI), else
+    $PEFLOW_HOME/runs."""
     if os.environ.get("PEFLOW_RUNS"):
-        return Path(os.environ["PEFLOW_RUNS"])
-    return Path(os.environ.get("PEFLOW_HOME", ".run")).resolve() / "runs"
+        return os.environ["PEFLOW_RUNS"]
+    return str(Path(os.environ.get("PEFLOW_HOME", ".run")).resolve() / "runs")
 
 
-def run_dir(run_id: str) -> Path:
-    """The folder of one DAG run under `runs_root()`, named after its (sanitised) run id."""
-    return runs_root() / "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+def run_dir(run_id: str) -> str:
+    """The folder (or URI) of one DAG run under `runs_root()`, named after its (sanitised) run id."""
+    return remote.join(runs_root(), "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id))
 
 
 def dag_run_config(params: dict[str, Any], run_id: str) -> RunConfig:

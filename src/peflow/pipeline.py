@@ -47,12 +47,19 @@ def params(preset: str = "nano") -> dict[str, Any]:
     return out
 
 
+def stage_opts(stage: stages.Stage, root: str, preset: str) -> list[str]:
+    """A stage's wiring as `peflow <stage>` options: the preset, its folder `root/<stage>`, and each input's
+    upstream folder `root/<upstream>` (dvc.yaml and the Kubeflow pipeline, peflow.kfp_spec, share it)."""
+    opts = ["--preset", preset, "--out", f"{root}/{stage.name}"]
+    for field, upstream in stage.inputs:
+        opts += [f"--{field.replace('_', '-')}", f"{root}/{upstream}"]
+    return opts
+
+
 def dvc_stage(stage: stages.Stage, params: dict[str, Any]) -> dict[str, Any]:
     """One `dvc.yaml` stage: the same `peflow <stage>` command a user types."""
     out = f"{DATA_ROOT}/{stage.name}"
-    opts = ["--preset", "${preset}", "--out", out]
-    for field, upstream in stage.inputs:
-        opts += [f"--{field.replace('_', '-')}", f"{DATA_ROOT}/{upstream}"]
+    opts = stage_opts(stage, DATA_ROOT, "${preset}")
     if params.get(stage.name):
         opts.append("${%s}" % stage.name)
     # Distributed stages run through their TorchX component, as in the DAG.

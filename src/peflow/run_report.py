@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from peflow import remote
 from peflow.compare import direction, key_metrics
 
 REPORT = "report.html"
@@ -178,7 +179,7 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
     variants = _columns(summaries)
     labels = [f"{'main' if v is None else v} ({_recipe(summaries, v)})" for v in variants]
     values = _by_variant(summaries)
-    info = [["run", str(Path(cfg.out).name)], ["MLflow run", run_id], ["preset", cfg.preset],
+    info = [["run", remote.name(cfg.out)], ["MLflow run", run_id], ["preset", cfg.preset],
             ["recipe", str(_recipe(summaries, None))],
             ["variants", ", ".join(cfg.variants()) or "none"],
             ["data source", cfg.data_source], ["written", time.strftime("%Y-%m-%d %H:%M:%S %Z")]]
@@ -186,7 +187,7 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
                    f"{s['seconds']:.1f}", s["out"]] for s in summaries]
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>peflow run {html.escape(run_id)}</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>peflow pipeline run <code>{html.escape(Path(cfg.out).name)}</code></h1>",
+             f"<h1>peflow pipeline run <code>{html.escape(remote.name(cfg.out))}</code></h1>",
              _table(["", ""], info), "<h2>Stages</h2>",
              _table(["task", "recipe", "status", "seconds", "output"], stage_rows),
              "<h2>Key metrics</h2>",
@@ -216,7 +217,8 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
         figs = []
         for v in variants:
             s = next((x for x in summaries if x["stage"] == stage and x.get("variant") == v), None)
-            pngs = sorted(Path(s["out"]).glob("*.png")) if s and Path(s["out"]).is_dir() else []
+            folder = Path(remote.localize(s["out"])) if s else None
+            pngs = sorted(folder.glob("*.png")) if folder is not None and folder.is_dir() else []
             figs.append("".join(_img(p) for p in pngs) or "<p class=muted>no plots</p>")
         if any("<img" in f for f in figs):
             cols = len(figs)
@@ -228,13 +230,16 @@ def build_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) 
 
 
 def log_report(cfg: Any, run_id: str, summaries: Sequence[Mapping[str, Any]]) -> Path:
-    """Write OUT/report.html (atomically) and log it to the pipeline's MLflow run; returns its path."""
+    """Write OUT/report.html (atomically; for an `s3://` OUT, its local copy, then uploaded) and log it to the
+    pipeline's MLflow run; returns its local path."""
     import mlflow
 
     from peflow.io import write_text_atomic
 
-    path = Path(cfg.out) / REPORT
+    path = Path(remote.localize(cfg.out)) / REPORT
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, build_report(cfg, run_id, [s for s in summaries if s]))
+    if remote.is_remote(cfg.out):
+        remote.upload_file(path, remote.join(cfg.out, REPORT))
     mlflow.MlflowClient().log_artifact(run_id, str(path))
     return path

@@ -16,6 +16,12 @@ around it:
    artifacts, registers the model (`candidate`) or ranks it (`champion`),
    renames the folder into place and adds it to the store.
 
+Inputs and outputs may be `s3://` URIs (peflow.remote): a remote input is
+fingerprinted by its published digest and pulled into a local cache (a field
+marked `stream=True` is handed to the stage as the URI, for loaders that
+stream shards), a remote output is staged in the local cache and published
+on success, its manifest last.
+
 Under torchrun every rank calls `execute`; only rank 0 tracks and publishes.
 """
 
@@ -30,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from peflow import io, stages, store
+from peflow import io, remote, stages, store
 from peflow.config import ConfigError, InputError, check_config, key_dict
 from peflow.stages.base import Result
 
@@ -59,7 +65,15 @@ def input_fields(stage: stages.Stage, cfg: Any) -> dict[str, str]:
 
 
 def fingerprint(path: str | Path, *, what: str) -> str:
-    """The content digest of an input: a folder's (its manifest's, when it has one) or a file's SHA-256."""
+    """The content digest of an input: a folder's (its manifest's, when it has one) or a file's SHA-256;
+    for an `s3://` URI, its published digest (`peflow.remote.digest`)."""
+    if remote.is_remote(path):
+        try:
+            return remote.digest(str(path))
+        except FileNotFoundError:
+            raise InputError(f"{what} {path}: does not exist") from None
+        except OSError as e:
+            raise InputError(f"{what} {path}: cannot be read ({e})") from None
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what} {path}: does not exist")
@@ -113,14 +127,27 @@ def check(stage: stages.Stage, cfg: Any) -> None:
             raise ConfigError(f"{stage.name}.{field}: required (the {upstream} stage's output, or a path)")
 
 
-def _existing_key(out: Path) -> str | None:
-    path = out / io.MANIFEST
+def _existing_key(out: str | Path) -> str | None:
+    if remote.is_remote(out):
+        return (remote.manifest(str(out)) or {}).get("key")
+    path = Path(out) / io.MANIFEST
     if not path.is_file():
         return None
     try:
         return io.read_json(path).get("key")
     except (OSError, ValueError):
         return None
+
+
+def localize(stage: stages.Stage, cfg: Any) -> Any:
+    """`cfg` as the stage runs it: remote inputs pulled into the local cache (fields marked
+    `stream=True` stay URIs) and a remote output pointed at its local staging copy."""
+    streamed = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("stream")}
+    changes = {name: str(remote.pull(value)) for name, value in input_fields(stage, cfg).items()
+               if remote.is_remote(value) and name not in streamed}
+    if remote.is_remote(cfg.out):
+        changes[OUT] = remote.localize(cfg.out)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _key(stage: stages.Stage, cfg: Any) -> tuple[str, dict[str, str]]:
@@ -137,13 +164,15 @@ def reuse(stage: stages.Stage | str, cfg: Any) -> Outcome | None:
 
 
 def _reuse(stage: stages.Stage, cfg: Any, key: str, t0: float) -> Outcome | None:
-    out = Path(cfg.out)
+    out = cfg.out
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if _existing_key(out) == key:
         how = "is up to date"
     elif (found := store.find(stage.name, key)) is not None:
         if rank0:
-            store.materialize(found, out)
+            store.materialize(found, remote.localize(out))
+            if remote.is_remote(out):
+                remote.publish(remote.localize(out), out)
         how = f"reused from the store ({found})"
     else:
         return None
@@ -155,7 +184,6 @@ def _reuse(stage: stages.Stage, cfg: Any, key: str, t0: float) -> Outcome | None
 
 def published(stage: stages.Stage, out: str | Path) -> Outcome:
     """What a launched stage (TorchX replicas) published at `out`, read from its manifest."""
-    out = Path(out)
     key = _existing_key(out)
     if key is None:
         raise RuntimeError(f"{stage.name}: the launch ended but published no output at {out}")
@@ -172,31 +200,42 @@ def execute(stage: stages.Stage | str, cfg: Any, *, force: bool = False) -> Outc
     if not force and (outcome := _reuse(stage, cfg, key, t0)) is not None:
         return outcome
     module = stage.load()
+    local = localize(stage, cfg)
     if int(os.environ.get("RANK", "0")) != 0:
-        module.run(cfg, None)
+        module.run(local, None)
         return None
-    metrics, run_id = _run_tracked(stage, module, cfg, inputs, key)
-    store.put(cfg.out, stage.name, key)
+    metrics, run_id = _run_tracked(stage, module, cfg, local, inputs, key)
+    store.put(local.out, stage.name, key)
     if stage.dataset:
-        _push_dataset(cfg.out, run_id)
+        _push_dataset(local.out, run_id)
+    if remote.is_remote(cfg.out):
+        remote.publish(local.out, cfg.out)
+        if Path(local.out + ".dvc").is_file():
+            remote.upload_file(local.out + ".dvc", cfg.out.rstrip("/") + ".dvc")
+        print(f"peflow {stage.name}: published {cfg.out}")
     return Outcome(stage.name, str(cfg.out), key, True, None, time.monotonic() - t0, metrics)
 
 
-def _metrics(out: Path) -> dict[str, Any]:
+def _metrics(out: str | Path) -> dict[str, Any]:
+    if remote.is_remote(out):
+        return remote.read_json(remote.join(out, io.METRICS)) or {}
+    out = Path(out)
     return io.read_json(out / io.METRICS) if (out / io.METRICS).is_file() else {}
 
 
-def _run_tracked(stage: stages.Stage, module: Any, cfg: Any, inputs: dict[str, str], key: str
+def _run_tracked(stage: stages.Stage, module: Any, cfg: Any, local: Any, inputs: dict[str, str], key: str
                  ) -> tuple[dict[str, float], str]:
+    """Run the stage (`local`: its config with local paths) into a staging folder inside its MLflow run;
+    the run records `cfg` as the user gave it."""
     import mlflow
 
     from peflow import tracking
 
     config = dataclasses.asdict(cfg)
-    datasets = {n: p for n, p in input_fields(stage, cfg).items() if Path(p).is_dir()}
-    with tracking.stage_run(stage.name, out_dir=cfg.out, config=config, inputs=inputs, datasets=datasets,
-                            tags={"peflow.output_key": key}) as run, io.atomic_output_dir(cfg.out) as staging:
-        result = module.run(cfg, staging)
+    datasets = {n: p for n, p in input_fields(stage, local).items() if Path(p).is_dir()}
+    with tracking.stage_run(stage.name, out_dir=local.out, config=config, inputs=inputs, datasets=datasets,
+                            tags={"peflow.output_key": key}) as run, io.atomic_output_dir(local.out) as staging:
+        result = module.run(local, staging)
         if not isinstance(result, Result):
             raise TypeError(f"{stage.module}.run returned {type(result).__name__}, not runner.Result")
         io.write_json_atomic(staging / io.METRICS, result.metrics)

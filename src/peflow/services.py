@@ -1,5 +1,6 @@
 """Local services for the embedded default, on 127.0.0.1: `mlflow server`
-(SQLite, local artifacts) and `airflow standalone` (SQLite, simple auth
+(SQLite; artifacts proxied to a local folder, or to `$PEFLOW_MLFLOW_ARTIFACTS`,
+e.g. an `s3://` URI with the endpoint and credentials in the AWS variables) and `airflow standalone` (SQLite, simple auth
 manager with a generated admin password, the repo's `dags/`).
 
 `python -m peflow.services up|down|status`. Each service runs in its own
@@ -109,6 +110,12 @@ def mlflow_uri() -> str:
     return f"http://127.0.0.1:{mlflow_port()}"
 
 
+def mlflow_artifacts() -> str:
+    """Where the MLflow server stores the artifacts it proxies: $PEFLOW_MLFLOW_ARTIFACTS (a folder or an
+    `s3://` URI), else $PEFLOW_HOME/mlflow/artifacts."""
+    return os.environ.get("PEFLOW_MLFLOW_ARTIFACTS") or str(home() / "mlflow" / "artifacts")
+
+
 def mlflow_service() -> Service:
     root = home() / "mlflow"
     root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +125,7 @@ def mlflow_service() -> Service:
         argv=[
             exe, "server", "--host", "127.0.0.1", "--port", str(mlflow_port()),
             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
+            "--artifacts-destination", mlflow_artifacts(),
             "--workers", "1",
         ],
         health_url=f"{mlflow_uri()}/health",

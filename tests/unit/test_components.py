@@ -1,5 +1,6 @@
 """TorchX components: built without launching, and the Kubernetes dry-run
-request validated offline against the Kubernetes schemas."""
+request (a Volcano Job) validated offline against the vendored Volcano CRD
+schema and its pod templates against the Kubernetes schemas."""
 
 import kubernetes_validate
 import pytest
@@ -8,7 +9,7 @@ import yaml
 
 from components import launch
 from components.stage import stage as stage_component
-from peflow import stages
+from peflow import k8s, stages
 
 DISTRIBUTED = [s.name for s in stages.all_stages() if s.distributed]
 K8S_VERSION = "1.33"
@@ -35,20 +36,22 @@ def test_stage_app_resources_and_env():
     assert "NCCL_DEBUG" not in cpu_only.roles[0].env
 
 
-def _volcano_job(text: str) -> dict:
-    job = yaml.safe_load(text)
-    assert job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
-    assert job["spec"]["schedulerName"] == "volcano" and job["spec"]["queue"] == "gpu-queue"
-    return job
+def _dryrun_job(**overrides) -> dict:
+    """The Volcano Job of `peflow launch pretrain -j 4x8 --scheduler kubernetes --dryrun`."""
+    args = dict(scheduler="kubernetes", queue="gpu-queue", namespace="peflow", j="4x8", gpu=8, cpu=64,
+                memMB=400_000, image="registry.example/peflow:1")
+    text = launch.dryrun(
+        "pretrain", ["--preset", "nano", "--data", "s3://bucket/corpus", "--out", "s3://bucket/pe"],
+        **{**args, **overrides},
+    )
+    return yaml.safe_load(text)
 
 
 def test_kubernetes_dryrun_is_a_valid_volcano_job():
-    text = launch.dryrun(
-        "pretrain", ["--preset", "nano", "--data", "s3://bucket/corpus", "--out", "s3://bucket/pe"],
-        scheduler="kubernetes",
-        queue="gpu-queue", j="4x8", gpu=8, cpu=64, memMB=400_000, image="registry.example/peflow:1",
-    )
-    job = _volcano_job(text)
+    job = _dryrun_job()
+    # the whole Job against the vendored Volcano CRD schema (strict: unknown fields are errors)
+    assert k8s.validate_object(job).startswith("CRD jobs.batch.volcano.sh v1alpha1")
+    assert job["spec"]["schedulerName"] == "volcano" and job["spec"]["queue"] == "gpu-queue"
     tasks = job["spec"]["tasks"]
     assert len(tasks) == 4
     for t in tasks:
@@ -62,6 +65,17 @@ def test_kubernetes_dryrun_is_a_valid_volcano_job():
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["NCCL_DEBUG"] == "WARN"
         assert "--nnodes 4 --nproc_per_node 8" in c["command"][-1]
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("replicas", "four", r"'four' is not of type 'integer' at spec\.tasks\[0\]\.replicas"),
+    ("maxRetries", 3, r"'maxRetries' was unexpected\) at spec\.tasks\[0\]"),  # a typo: maxRetry
+])
+def test_a_broken_volcano_job_fails_the_crd_schema(field, value, error):
+    job = _dryrun_job()
+    job["spec"]["tasks"][0][field] = value
+    with pytest.raises(k8s.ManifestError, match=error):
+        k8s.validate_object(job)
 
 
 def test_schema_validation_can_fail():

@@ -70,6 +70,9 @@ class Config:
     keep_checkpoints: int = opt(2, "How many checkpoints to keep in OUT.ckpt.", min=1, key=False)
     init_from: str = opt("", "Start from an official PE-Core .pt (in --model's size) or a peflow model folder.",
                          input=True)
+    train_shards: str = opt("", "Training shards to stream instead of DATA's train split: an s3:// brace pattern "
+                                "or glob ('s3://bucket/laion/{00000..41407}.tar'), an s3:// corpus folder, or local "
+                                "shards; DATA still gives the evaluation splits.", input=True, stream=True)
     eval_splits: str = opt("val", "Comma-separated corpus splits for a quick zero-shot top-1 at the end "
                                   "(empty: none).")
     log_model: bool = opt(True, "Log the final model as an MLflow model and register it (peflow-core).",
@@ -106,7 +109,8 @@ def plan_from_config(cfg: Config) -> Any:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(recipe.warmup_fraction * cfg.steps)
     from peflow.train.checkpoint import ckpt_dir
 
-    return TrainPlan(data=Path(cfg.data), ckpt_dir=ckpt_dir(cfg.out or "out"), preset=cfg.model, recipe=recipe,
+    return TrainPlan(data=Path(cfg.data), train_shards=cfg.train_shards, ckpt_dir=ckpt_dir(cfg.out or "out"),
+                     preset=cfg.model, recipe=recipe,
                      steps=cfg.steps, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, lr=lr,
                      warmup_steps=warmup, seed=cfg.seed, resolutions=resolutions,
                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,

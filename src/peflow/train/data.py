@@ -1,9 +1,10 @@
 """The pretraining loader over image-text WebDataset shards.
 
-Random access, not streaming: `ShardIndex` reads the tar headers once and
-keeps (shard, offset, size) of every sample's image and caption, so a batch
-is a set of seeks. That makes the order a pure function of
-(seed, epoch, step):
+Random access: `ShardIndex` reads the tar headers once and keeps (shard,
+offset, size) of every sample's image and caption, so a batch is a set of
+seeks. Shards may be local files or `s3://` objects (read with ranged GETs
+through `peflow.remote.open_binary`: streamed, never downloaded whole). That
+makes the order a pure function of (seed, epoch, step):
 
 - epoch e visits the samples in `permutation(default_rng([seed, e]))`, in
   global batches of `global_batch` (the last partial batch is dropped);
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from peflow import remote
 from peflow.data.formats import IMAGE_EXTS, decode_image_text, shard_paths
 from peflow.train.recipe import PE_MEAN, PE_STD, Recipe, hflip_caption
 
@@ -43,13 +45,13 @@ class ShardIndex:
     """Every (image, caption) sample of a list of tar shards, addressable by position."""
 
     def __init__(self, shards: Sequence[str | Path]) -> None:
-        self.shards = [Path(s) for s in shards]
+        self.shards = [s if remote.is_remote(s) else Path(s) for s in shards]
         if not self.shards:
             raise ValueError("no image-text shards given")
         self.entries: list[_Entry] = []
         for si, path in enumerate(self.shards):
             members: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(path, "r:") as tar:
+            with _open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for m in tar:
                     if not m.isfile():
                         continue
@@ -71,13 +73,22 @@ class ShardIndex:
     def from_corpus(cls, root: str | Path, split: str = "train") -> ShardIndex:
         """The index of one split of a corpus: a folder in any layout `peflow.data.formats.find_shards`
         resolves (canonical, split folders, a flat folder of shards, splits.json), or anything else
-        `peflow.data.formats.shard_paths` accepts."""
+        `peflow.data.formats.shard_paths` accepts; or `s3://` shards: a brace pattern or glob of objects,
+        or a folder in the canonical layout (`<root>/image/<split>/*.tar`)."""
+        text = str(root)
+        if remote.is_remote(text):
+            if text.endswith(".tar") or any(c in text for c in "*?[{"):
+                return cls(remote.expand(text))
+            shards = remote.tar_shards(remote.join(text, "image", split))
+            if not shards:
+                raise FileNotFoundError(f"no image shards under {remote.join(text, 'image', split)}")
+            return cls(shards)
         return cls(shard_paths(root, split, kind="image"))
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (kept open for seeks)
+            f = self._files[shard] = _open(self.shards[shard])  # kept open for seeks
         f.seek(offset)
         return f.read(size)
 
@@ -88,6 +99,11 @@ class ShardIndex:
         raw.update({ext: self._read(e.shard, off, size) for ext, off, size in e.spans})
         sample = decode_image_text(raw)
         return sample["image"], sample["caption"]
+
+
+def _open(shard: str | Path) -> BinaryIO:
+    """A seekable binary file over a local shard or an `s3://` object."""
+    return remote.open_binary(shard) if isinstance(shard, str) else open(shard, "rb")  # noqa: SIM115
 
 
 def _crop_box(rng: np.random.Generator, w: int, h: int, scale: tuple[float, float],

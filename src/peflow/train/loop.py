@@ -35,14 +35,15 @@ class TrainPlan(TrainSettings):
     preset: str
     recipe: Recipe
     resolutions: list[tuple[int, float]]
+    train_shards: str = ""  #: shards (local or s3://) to train on instead of data's train split
     init_from: str = ""
     compile: bool = False  #: torch.compile the forward + loss (`clip_forward`)
 
 
 def objective(plan: TrainPlan, name: str = "pretrain") -> ClipObjective:
     """The CLIP + mask-regularization objective of `plan`."""
-    return ClipObjective(data=plan.data, preset=plan.preset, recipe=plan.recipe, resolutions=plan.resolutions,
-                         init_from=plan.init_from, compile=plan.compile, name=name)
+    return ClipObjective(data=plan.train_shards or plan.data, preset=plan.preset, recipe=plan.recipe,
+                         resolutions=plan.resolutions, init_from=plan.init_from, compile=plan.compile, name=name)
 
 
 def train(plan: TrainPlan, dist: Dist, *, on_step: StepHook | None = None,

@@ -44,10 +44,12 @@ class ClipObjective(Objective):
 
     loss_columns = ("loss", "clip_loss", "mask_reg_loss")
 
-    def __init__(self, *, data: Path, preset: str, recipe: Recipe, resolutions: list[tuple[int, float]],
+    def __init__(self, *, data: str | Path, preset: str, recipe: Recipe, resolutions: list[tuple[int, float]],
                  init_from: str = "", compile: bool = False, name: str = "pretrain") -> None:
         recipe.validate()
-        self.data, self.preset, self.recipe, self.resolutions = Path(data), preset, recipe, resolutions
+        # an s3:// URI stays a string (Path would fold its '//')
+        self.data = data if str(data).startswith("s3://") else Path(data)
+        self.preset, self.recipe, self.resolutions = preset, recipe, resolutions
         self.init_from, self.compile, self.name = init_from, compile, name
         self._flops: dict[int, float] = {}
 
