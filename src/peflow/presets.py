@@ -24,11 +24,14 @@ class Pipeline:
         name: the preset's name (`--preset`).
         nodes: nodes x processes per node of the distributed stages (TorchX `-j`).
         configs: stage name -> that stage's Config (wiring fields left empty).
+        resource: the TorchX named resource of one node of the distributed stages (`components/resources.py`:
+            GPUs, CPUs, memory); empty: the stage's registry resources (the CPU presets).
     """
 
     name: str
     nodes: str
     configs: Mapping[str, Any]
+    resource: str = ""
 
     def config(self, stage: str) -> Any:
         """The config of `stage` in this preset (the Config's defaults when the preset has none)."""
@@ -36,13 +39,15 @@ class Pipeline:
             return self.configs[stage]
         return stages.get(stage).config_cls()
 
-    def derive(self, name: str, *, nodes: str | None = None, **changes: Mapping[str, Any]) -> Pipeline:
+    def derive(self, name: str, *, nodes: str | None = None, resource: str | None = None,
+               **changes: Mapping[str, Any]) -> Pipeline:
         """A preset from this one: `changes` maps a stage name (`_` for `-`) to field changes."""
         configs = dict(self.configs)
         for ident, fields in changes.items():
             stage = next(s.name for s in stages.all_stages() if s.ident == ident)
             configs[stage] = config.replace(self.config(stage), fields, where=f"preset {name}: {stage}")
-        return Pipeline(name=name, nodes=nodes or self.nodes, configs=configs)
+        return Pipeline(name=name, nodes=nodes or self.nodes, configs=configs,
+                        resource=self.resource if resource is None else resource)
 
 
 def nano() -> Pipeline:
@@ -110,20 +115,44 @@ def small_cpu() -> Pipeline:
                                    "resolutions": "64:0.4,96:0.35,128:0.25"})
 
 
+#: The node of the GPU presets: 8 GPUs of 80 GB (H100 80GB; the same request fits H200 nodes).
+GPU_NODE = "peflow_8xh100_80gb"
+
+
 def b16() -> Pipeline:
-    """PE-Core-B16 at the paper's budget (443K steps at batch 131,072; 112-160-224 px), on GPU nodes."""
-    return nano().derive("b16", nodes="4x8", synth={"corpus": "full"},
+    """PE-Core-B16 at the paper's budget (443K steps at batch 131,072; 112-160-224 px) on one node of 8 GPUs.
+
+    The GPU presets contrast 16,384 pairs per micro-batch: the CLIP loss of a micro-batch gathers it over
+    every GPU (micro_batch x GPUs negatives). On one node that takes micro-batches of 2,048, which fit an
+    80 GB GPU with activation checkpointing (about 12 MiB per pair at 224 px, 100 MiB without: measured on
+    CPU, docs/gpu.md); B/16 fits each GPU whole (DDP). The budget (about 6.6e21 FLOP) is about 29 days on
+    one node at 45% MFU: `nodes=4x8` (micro_batch 512, no recompute) divides it by five.
+    """
+    return nano().derive("b16", nodes="1x8", resource=GPU_NODE, synth={"corpus": "full"},
                          pretrain={"model": "pe-core-b16", "steps": 443_000, "global_batch": 131_072, "lr": None,
+                                   "micro_batch": 2048, "recompute": True,
                                    "resolutions": "112:0.42,160:0.33,224:0.25", "crop_scale_min": None})
 
 
 def l14() -> Pipeline:
-    """PE-Core-L14 at the paper's budget (98-154-224-336 px)."""
-    return b16().derive("l14", pretrain={"model": "pe-core-l14", "resolutions": "98:0.42,154:0.33,224:0.17,336:0.08"})
+    """PE-Core-L14 at the paper's budget (98-154-224-336 px) on 4 nodes: FSDP2 and activation checkpointing,
+    so that micro-batches of 512 fit at 336 px (about 90 MiB per pair with recomputation, 600 without)."""
+    return b16().derive("l14", nodes="4x8",
+                        pretrain={"model": "pe-core-l14", "resolutions": "98:0.42,154:0.33,224:0.17,336:0.08",
+                                  "micro_batch": 512, "parallelism": "fsdp", "recompute": True})
+
+
+def g14() -> Pipeline:
+    """PE-Core-G14 at the paper's budget (656K steps, 86B samples; 98-154-224-336-448 px, stage lengths not
+    published: L's proportions with a last 448 px stage) on 16 nodes, FSDP2 and activation checkpointing;
+    micro_batch 128 (about 400 MiB per pair at 448 px with recomputation) x 128 GPUs = 16,384 negatives."""
+    return l14().derive("g14", nodes="16x8",
+                        pretrain={"model": "pe-core-g14", "steps": 656_000, "micro_batch": 128,
+                                  "resolutions": "98:0.40,154:0.30,224:0.15,336:0.10,448:0.05"})
 
 
 PRESETS: dict[str, Callable[[], Pipeline]] = {"test": test, "nano": nano, "small-cpu": small_cpu, "b16": b16,
-                                              "l14": l14}
+                                              "l14": l14, "g14": g14}
 
 
 def names() -> list[str]:

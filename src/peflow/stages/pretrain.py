@@ -81,6 +81,15 @@ class Config:
                        min=0, key=False)
     compile: bool = opt(False, "Run the forward and loss through torch.compile: about 1.1x faster steps on 2 CPU "
                                "cores (bench/README.md) after a compile of one to two minutes per resolution.")
+    # Not in the output key, like the process count: both change how a step is computed, not what (FSDP's
+    # losses match DDP's to float rounding, activation checkpointing's bit for bit; tests/unit/test_fsdp.py).
+    parallelism: str = opt("ddp", "How the processes share the model: `ddp` (a whole copy on each, gradients averaged "
+                                  "by one all-reduce) or `fsdp` (FSDP2: each transformer block's weights, gradients "
+                                  "and optimizer state sharded over the processes; bf16 compute on GPUs).",
+                           choices=("ddp", "fsdp"), key=False)
+    recompute: bool = opt(False, "Activation checkpointing: recompute each transformer block's activations in "
+                                 "backward instead of keeping them: far less memory for about a third more compute.",
+                          key=False)
     progress: bool = opt(True, "Show a progress bar (rank 0).", key=False)
 
     def validate(self) -> None:
@@ -114,7 +123,8 @@ def plan_from_config(cfg: Config) -> Any:
                      steps=cfg.steps, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, lr=lr,
                      warmup_steps=warmup, seed=cfg.seed, resolutions=resolutions,
                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                     init_from=cfg.init_from, compile=cfg.compile)
+                     init_from=cfg.init_from, compile=cfg.compile,
+                     parallelism=cfg.parallelism, activation_checkpointing=cfg.recompute)
 
 
 def run(cfg: Config, out: Path | None) -> Result | None:

@@ -9,6 +9,13 @@ Layout, in a folder that outlives the stage's staging folder (`OUT.ckpt/`):
 
 The newest complete `step-*` folder is the one to resume (`latest`).
 
+A model sharded by FSDP (peflow.train.parallel) is checkpointed in the same layout: every rank
+takes part in gathering the full model and optimizer state onto rank 0, which writes the same
+`model.safetensors`; `trainer.pt` then holds the optimizer state keyed by parameter name
+(`optimizer_layout: "by_name"`, `torch.distributed.checkpoint.state_dict`'s full layout) rather
+than by index. A resume shards both back, broadcast from rank 0. A checkpoint resumes under the
+parallelism that wrote it (the optimizer layouts differ); the model file is the same either way.
+
 A checkpoint is written into `.step-N.tmp-*` and renamed into place with
 os.replace only when every rank's file is there, so a kill at any moment
 leaves either the old or the new checkpoint, never half of one. `trainer.pt`
@@ -30,9 +37,12 @@ import numpy as np
 import torch
 
 from peflow.models.pe import MODEL_FILE, save_model
+from peflow.train import parallel
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINER_FILE = "trainer.pt"
+#: How trainer.pt keys the optimizer state: by parameter index (optimizer.state_dict(), DDP) or by name (FSDP).
+BY_INDEX, BY_NAME = "by_index", "by_name"
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,17 +91,30 @@ def latest(root: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+class _Gathered:
+    """What `save_model` reads of a model (`state_dict()`, `peflow_preset`), for a state gathered from shards."""
+
+    def __init__(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+        self.state, self.peflow_preset = state, getattr(model, "peflow_preset", None)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
 def save(root: str | Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: Any, extra: dict[str, Any], rank: int, world_size: int,
          barrier: Callable[[], None], keep: int = 2) -> Path | None:
     """Write checkpoint `step` collectively; every rank calls this. Returns the folder on rank 0.
 
     Rank 0 creates a temporary folder, every rank writes its RNG state there,
-    rank 0 adds model and trainer state, renames the folder into place and
-    prunes all but the newest `keep`.
+    rank 0 adds model and trainer state (of a sharded model: gathered from every
+    rank first), renames the folder into place and prunes all but the newest `keep`.
     """
     root = Path(root)
     tmp = root / f".step-{step:08d}.tmp"
+    sharded = parallel.is_sharded(model)
+    if sharded:  # collective: the full state arrives on rank 0
+        model_state, optim_state = parallel.full_model_state(model), parallel.full_optimizer_state(model, optimizer)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,9 +125,10 @@ def save(root: str | Path, step: int, *, model: torch.nn.Module, optimizer: torc
     if rank != 0:
         barrier()
         return None
-    save_model(model, tmp, extra={"step": step})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "world_size": world_size, **extra}, tmp / TRAINER_FILE)
+    save_model(_Gathered(model_state, model) if sharded else model, tmp, extra={"step": step})
+    torch.save({"optimizer": optim_state if sharded else optimizer.state_dict(),
+                "optimizer_layout": BY_NAME if sharded else BY_INDEX, "scheduler": scheduler.state_dict(),
+                "step": step, "world_size": world_size, **extra}, tmp / TRAINER_FILE)
     final = root / f"step-{step:08d}"
     if final.exists():
         shutil.rmtree(final)
@@ -117,13 +141,27 @@ def save(root: str | Path, step: int, *, model: torch.nn.Module, optimizer: torc
 
 def load(folder: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
          rank: int, world_size: int) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG state; returns the trainer dict."""
+    """Restore model, optimizer, scheduler and this rank's RNG state; returns the trainer dict.
+
+    Every rank calls this; a sharded model's state is read on rank 0 and sharded back to every rank.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=True)
-    trainer = torch.load(folder / TRAINER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    sharded = parallel.is_sharded(model)
+    # mmap: under FSDP only rank 0 reads the (full) optimizer state; the others need the small fields
+    trainer = torch.load(folder / TRAINER_FILE, map_location="cpu", weights_only=True, mmap=sharded)
+    layout = trainer.get("optimizer_layout", BY_INDEX)
+    if layout != (BY_NAME if sharded else BY_INDEX):
+        written, now = ("fsdp", "ddp") if layout == BY_NAME else ("ddp", "fsdp")
+        raise ValueError(f"checkpoint {folder} was written with parallelism {written!r}; resume it with "
+                         f"{written!r}, not {now!r} (or start over without its checkpoint folder)")
+    if sharded:
+        parallel.load_full_model_state(model, load_file(str(folder / MODEL_FILE)) if rank == 0 else {})
+        parallel.load_full_optimizer_state(model, optimizer, trainer["optimizer"] if rank == 0 else {})
+    else:
+        model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=True)
+        optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     # Data order, augmentation and masks are seeded by (seed, step, row), not by these states, so a
     # resume with another process count still sees the same batches; the states are restored when they fit.

@@ -4,8 +4,16 @@ One function, any number of processes. Under torchrun (RANK/WORLD_SIZE/MASTER_AD
 environment) `init_distributed` joins the process group (NCCL on CUDA, gloo on CPU);
 otherwise the run is a single process. The global batch is fixed by the settings: each rank
 takes global_batch / world_size rows and, when `micro_batch` is smaller, accumulates
-gradients over micro-batches. Gradients are averaged over ranks with one flat all-reduce per
-step. bf16 autocast on CUDA, fp32 on CPU.
+gradients over micro-batches. bf16 autocast on CUDA, fp32 on CPU.
+
+`parallelism` (peflow.train.parallel): "ddp" keeps the whole model on every rank and averages
+gradients with one flat all-reduce per step; "fsdp" shards each transformer block (FSDP2,
+bf16 compute and fp32 reduction on CUDA). `activation_checkpointing` recomputes every block's
+activations in backward. Under FSDP every rank takes part in the history row's measurements
+(the objective's `flops_per_sample` and `step_metrics` run on every rank with the root gathered),
+and checkpoints hold the full state gathered onto rank 0. With either switch on, `fit` returns
+on rank 0 a model built afresh by the objective holding the trained weights (the plain
+architecture: no shards, no checkpointing hooks).
 
 Resume: the newest checkpoint under `settings.ckpt_dir` restores model, optimizer, schedule,
 step and RNG states; an objective whose data and randomness are functions of (seed, step, row)
@@ -26,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peflow.train import checkpoint as ckpt
+from peflow.train import parallel
 from peflow.train.optim import build_scheduler
 
 if TYPE_CHECKING:
@@ -48,6 +57,8 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    parallelism: str = "ddp"  #: "ddp" (whole model per rank, flat all-reduce) or "fsdp" (FSDP2 per block)
+    activation_checkpointing: bool = False  #: recompute each transformer block's activations in backward
 
 
 @dataclass
@@ -100,6 +111,8 @@ class Trainer:
     def __init__(self, objective: Objective, settings: TrainSettings, dist: Dist) -> None:
         if settings.global_batch % dist.world_size:
             raise ValueError(f"global_batch {settings.global_batch} is not divisible by {dist.world_size} processes")
+        if settings.parallelism not in parallel.PARALLELISMS:
+            raise ValueError(f"parallelism must be one of {parallel.PARALLELISMS}, got {settings.parallelism!r}")
         self.objective, self.settings, self.dist = objective, settings, dist
         self.local_batch = settings.global_batch // dist.world_size
         self.micro = min(settings.micro_batch or self.local_batch, self.local_batch)
@@ -109,8 +122,19 @@ class Trainer:
         if dist.world_size > 1:
             for t in self.model.state_dict().values():
                 torch.distributed.broadcast(t, src=0)
+        if settings.activation_checkpointing:
+            parallel.apply_activation_checkpointing(self.model)
+        # FSDP needs a process group even for one rank (bench/gpu_check.py makes one)
+        self.sharded = settings.parallelism == "fsdp"
+        if self.sharded and not torch.distributed.is_initialized():
+            raise ValueError("parallelism 'fsdp' needs a process group: launch with torchrun (peflow launch), "
+                             "or train one process with parallelism 'ddp'")
+        self.loss_module = (parallel.shard(objective, self.model, dist.device) if self.sharded
+                            else parallel.LossModule(objective, self.model))
         objective.setup(self.model, settings, dist)
         self.opt = objective.build_optimizer(self.model, settings.lr)
+        if self.sharded or dist.device.type == "cuda":
+            parallel.use_foreach(self.opt)
         self.sched = build_scheduler(self.opt, warmup_steps=settings.warmup_steps, total_steps=settings.steps)
         self.autocast = dict(device_type=dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
 
@@ -129,8 +153,10 @@ class Trainer:
                     ckpt.save(s.ckpt_dir, done, model=self.model, optimizer=self.opt, scheduler=self.sched,
                               extra={"data_position": self.objective.data_position(done)}, rank=dist.rank,
                               world_size=dist.world_size, barrier=dist.barrier, keep=s.keep_checkpoints)
+                dt = time.perf_counter() - t0
+                measured = self._measure(step) if (self.sharded or dist.rank == 0) else None
                 if dist.rank == 0:
-                    row = self._row(step, losses, lr, time.perf_counter() - t0)
+                    row = self._row(step, losses, lr, dt, *measured)
                     history.append(row)
                     with open(self.hist_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -141,7 +167,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar[0].stop()
-        return self.model, history
+        return self._trained_model(), history
 
     def _resume(self, on_step: StepHook | None) -> tuple[int, list[dict[str, Any]]]:
         """Restore the newest checkpoint; rank 0 trims history.jsonl to the steps before it and replays them."""
@@ -170,23 +196,47 @@ class Trainer:
         for c0 in starts:
             micro = tuple(t[c0:c0 + self.micro] for t in batch)
             with torch.autocast(**self.autocast):
-                terms = obj.loss(model, micro, step=step, row0=dist.rank * self.local_batch + c0)
+                terms = self.loss_module(micro, step=step, row0=dist.rank * self.local_batch + c0)
             (terms[obj.loss_columns[0]] / len(starts)).backward()
             sums += torch.tensor([_value(terms[c]) for c in obj.loss_columns]) / len(starts)
-        _all_reduce_grads(model, dist)
+        _all_reduce_grads(parallel.replicated(model), dist)  # FSDP reduced the shards' gradients itself
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         obj.after_step(model)
         return dist.all_reduce_mean(sums.to(dist.device)).tolist(), lr
 
-    def _row(self, step: int, losses: list[float], lr: float, dt: float) -> dict[str, Any]:
+    def _measure(self, step: int) -> tuple[float, dict[str, Any]]:
+        """The objective's training FLOPs per sample and step metrics of `step`: rank 0 alone under DDP; every
+        rank under FSDP (the model's forward and parameters are collective), with the root unit gathered."""
+        obj, model = self.objective, self.model
+        if not self.sharded:
+            return obj.flops_per_sample(model, step), obj.step_metrics(model, step)
+        self.loss_module.unshard()
+        try:
+            return obj.flops_per_sample(model, step), obj.step_metrics(model, step)
+        finally:
+            self.loss_module.reshard()
+
+    def _row(self, step: int, losses: list[float], lr: float, dt: float, flops: float,
+             metrics: dict[str, Any]) -> dict[str, Any]:
         """The history row of `step` (rank 0): losses, lr, the objective's metrics, throughput."""
         obj = self.objective
-        flops = obj.flops_per_sample(self.model, step)
         sps = self.settings.global_batch / dt
-        return {"step": step, **dict(zip(obj.loss_columns, losses)), "lr": lr, **obj.step_metrics(self.model, step),
+        return {"step": step, **dict(zip(obj.loss_columns, losses)), "lr": lr, **metrics,
                 "samples_per_s": sps, "model_flops_per_s": sps * flops, "step_s": dt}
+
+    def _trained_model(self) -> torch.nn.Module:
+        """The model `fit` returns: the trained one itself, or (FSDP or activation checkpointing) on rank 0 a
+        fresh build of the objective's architecture holding the trained weights; every rank calls it."""
+        if not (self.sharded or self.settings.activation_checkpointing):
+            return self.model
+        state = parallel.full_model_state(self.model) if self.sharded else self.model.state_dict()
+        if self.dist.rank != 0:
+            return self.model
+        plain = self.objective.build_model(self.dist)
+        plain.load_state_dict(state, strict=True)
+        return plain.to(self.dist.device).train()
 
 
 def _value(v: torch.Tensor | float) -> float:
@@ -194,11 +244,10 @@ def _value(v: torch.Tensor | float) -> float:
     return v.detach().item() if isinstance(v, torch.Tensor) else float(v)
 
 
-def _all_reduce_grads(model: torch.nn.Module, dist: Dist) -> None:
-    """Average the gradients over ranks with one flat all-reduce."""
-    if dist.world_size == 1:
+def _all_reduce_grads(params: list[torch.nn.Parameter], dist: Dist) -> None:
+    """Average the gradients of `params` over ranks with one flat all-reduce."""
+    if dist.world_size == 1 or not params:
         return
-    params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce_mean(flat)
     offset = 0
