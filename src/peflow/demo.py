@@ -1,6 +1,7 @@
 """`make demo`: the whole pipeline on the built-in corpus, through Airflow.
 
-1. `make up`: a local `mlflow server` and `airflow standalone` on 127.0.0.1.
+1. `make up`: a local `mlflow server` and `airflow standalone` on 127.0.0.1
+   (Airflow boots while step 2 runs).
 2. `dvc repro synth` + `dvc push`: the nano corpus, versioned by DVC (data/synth).
 3. Trigger `pe_pipeline` over Airflow's REST API with that corpus as data
    source, follow it live until it ends.
@@ -123,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     root = services.REPO
     t0 = time.monotonic()
     try:
-        for s in services.services():
-            s.start(timeout=300)
+        services.mlflow_service().start(timeout=300)  # synth's run goes to it
+        airflow = services.airflow_service()
+        booting = airflow.launch()  # Airflow boots while DVC makes the corpus
         _dvc(root, "repro", "synth")
         _dvc(root, "push")
+        airflow.wait(booting, timeout=300)
         api = AirflowAPI(services.airflow_url(), "admin", services.airflow_password())
         api.wait_for_dag(DAG_ID)
         conf = {"preset": a.preset, "recipe": a.recipe, "ablation": a.ablation, "engine_ablation": a.engine_ablation,

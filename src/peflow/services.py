@@ -59,9 +59,14 @@ class Service:
             return False
 
     def start(self, timeout: float = 120.0) -> None:
+        """Start the service (unless it runs already) and wait until it is healthy."""
+        self.wait(self.launch(), timeout)
+
+    def launch(self) -> subprocess.Popen | None:
+        """Start the service without waiting for it (None: it runs already); `wait` then waits for it."""
         if self.pid() is not None and self.healthy():
             print(f"{self.name}: already running (pid {self.pid()})")
-            return
+            return None
         home().mkdir(parents=True, exist_ok=True)
         log = open(self.logfile, "ab")
         proc = subprocess.Popen(
@@ -72,6 +77,12 @@ class Service:
             start_new_session=True,
         )
         self.pidfile.write_text(str(proc.pid))
+        return proc
+
+    def wait(self, proc: subprocess.Popen | None, timeout: float = 120.0) -> None:
+        """Wait until the service `launch` started answers its health check."""
+        if proc is None:
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:

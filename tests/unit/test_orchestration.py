@@ -69,7 +69,7 @@ def test_ablation_task_needs_the_flag_and_recipe_is_checked(tmp_path):
 
 def test_presets_derive_from_nano_and_every_config_checks():
     nano, test = presets.nano(), presets.test()
-    assert nano.config("pretrain").steps == 2000 and test.config("pretrain").steps == 20
+    assert nano.config("pretrain").steps == 1200 and test.config("pretrain").steps == 20
     assert test.config("pretrain").recipe == nano.config("pretrain").recipe == "pe"
     assert presets.b16().config("pretrain").model == "pe-core-b16" and presets.b16().nodes == "1x8"
     assert presets.l14().config("pretrain").global_batch == 131_072
