@@ -147,16 +147,23 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def pull(uri: str, fs: Any = None) -> Path:
-    """The folder `uri` as a local folder (`local_path(uri)`), downloaded unless the copy there
-    was pulled from the same content; the download is atomic. FileNotFoundError when absent."""
+    """The folder (or single object, e.g. a checkpoint file) `uri` as a local copy at `local_path(uri)`,
+    downloaded unless the copy there was pulled from the same content; the download is atomic.
+    FileNotFoundError when absent."""
     fs = fs or filesystem()
     dest = local_path(uri)
     want = digest(uri, fs)
     marker = dest.with_name(dest.name + PULLED)
     with _locked(dest):
-        if dest.is_dir() and marker.is_file() and io.read_json(marker).get("digest") == want:
+        if dest.exists() and marker.is_file() and io.read_json(marker).get("digest") == want:
             return dest
         objects = listing(uri, fs)
+        if not objects:  # one object: a file
+            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+            fs.get_file(_key(uri), str(tmp))
+            os.replace(tmp, dest)
+            io.write_json_atomic(marker, {"uri": uri, "digest": want})
+            return dest
         with io.atomic_output_dir(dest) as staging:
             for rel in objects:
                 target = staging / rel

@@ -58,6 +58,15 @@ def test_publish_replaces_and_pull_round_trips(tmp_path, bucket):
     assert io.tree_hashes(remote.pull(uri), exclude=()) == io.tree_hashes(v2, exclude=())
 
 
+def test_a_single_object_input_is_pulled_as_a_file(tmp_path, bucket):
+    """A file input (an official checkpoint in S3) comes back as a local file, fingerprinted by its ETag."""
+    boto3.client("s3").put_object(Bucket=bucket, Key="ckpt/PE-Core.pt", Body=b"weights")
+    uri = f"s3://{bucket}/ckpt/PE-Core.pt"
+    path = remote.pull(uri)
+    assert path.is_file() and path.read_bytes() == b"weights" and remote.pull(uri) == path
+    assert runner.fingerprint(uri, what="init_from") == remote.digest(uri)
+
+
 def test_an_unpublished_folder_is_no_output(tmp_path, bucket):
     """Objects without a manifest (a publish cut short before its last upload) are not an up-to-date
     output: the runner's key check finds nothing there."""
