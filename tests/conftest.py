@@ -57,20 +57,11 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """moto's S3 server on 127.0.0.1 for the session, with this process's AWS variables pointing at it
     (child processes inherit them); yields those variables."""
+    from peflow.io import environ
     from tests.s3_server import env_for, moto_server
 
-    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
-        env = env_for(endpoint)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint, environ(env_for(endpoint)):
+        yield env_for(endpoint)
 
 
 @pytest.fixture

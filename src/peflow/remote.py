@@ -80,15 +80,20 @@ def _key(uri: str) -> str:
     return uri.removeprefix(SCHEME).rstrip("/")
 
 
-def listing(uri: str, fs: Any = None) -> dict[str, dict[str, Any]]:
-    """Every object under the folder `uri`: relative path -> {size, etag}."""
+def _stamp(info: dict[str, Any]) -> str:
+    """What identifies an object's content in a listing: size and ETag."""
+    return f"{int(info.get('size') or 0)}:{str(info.get('ETag', '')).strip(chr(34))}"
+
+
+def listing(uri: str, fs: Any = None) -> dict[str, str]:
+    """Every object under the folder `uri`: relative path -> its size and ETag (`_stamp`)."""
     fs = fs or filesystem()
     root = _key(uri)
     try:
         found = fs.find(root, detail=True)
     except FileNotFoundError:
         return {}
-    return {k[len(root) + 1:]: {"size": int(v.get("size") or 0), "etag": str(v.get("ETag", "")).strip('"')}
+    return {k[len(root) + 1:]: _stamp(v)
             for k, v in sorted(found.items()) if v.get("type") != "directory" and k.startswith(root + "/")}
 
 
@@ -119,17 +124,14 @@ def digest(uri: str, fs: Any = None) -> str:
     of the folder, or of the objects a glob/brace pattern names. FileNotFoundError when nothing is there."""
     fs = fs or filesystem()
     if any(c in uri for c in "*?[{"):
-        objs = {u: fs.info(_key(u)) for u in expand(uri, fs)}
-        rows = {u: f"{v.get('size')}:{str(v.get('ETag', '')).strip(chr(34))}" for u, v in objs.items()}
-        return io.digest(rows)
+        return io.digest({u: _stamp(fs.info(_key(u))) for u in expand(uri, fs)})
     m = manifest(uri, fs)
     if m is not None and "output_digest" in m:
         return m["output_digest"]
-    rows = {rel: f"{o['size']}:{o['etag']}" for rel, o in listing(uri, fs).items()}
+    rows = listing(uri, fs)
     if not rows:
         if fs.exists(_key(uri)):  # a single object
-            info = fs.info(_key(uri))
-            return hashlib.sha256(f"{info.get('size')}:{info.get('ETag')}".encode()).hexdigest()
+            return hashlib.sha256(_stamp(fs.info(_key(uri))).encode()).hexdigest()
         raise FileNotFoundError(f"{uri}: no such object or folder")
     return io.digest(rows)
 
