@@ -21,7 +21,14 @@ contender alike:
   (`--dataset-type synthetic --workers 0`), per-step samples/s parsed from its
   log. open_clip 3.3 cannot pass `img_size` to a timm tower from a config, so
   the child process wraps `timm.create_model` to add `img_size=64` for that
-  one model name; nothing else in the trainer is touched.
+  one model name; nothing else in the trainer is touched;
+- `open_clip/trainer+malloc`: the same trainer with glibc told by environment
+  variables to keep freed memory mapped, as peflow's trainer does for itself
+  (`peflow.train.host.keep_freed_memory`), so the allocator's share of the
+  ratio is visible (`--no-trainer-malloc` skips it).
+
+This process applies `keep_freed_memory` first (peflow's training processes do),
+so the in-process contenders, open_clip's step pieces included, share it.
 
 Samples/s are medians over steady-state steps (warm-up steps dropped). The
 peak fraction is samples/s x training FLOPs per sample (3x the forward
@@ -224,7 +231,11 @@ def trainer_child(argv: list[str]) -> None:
     main(argv)
 
 
-def run_open_clip_trainer(steps: int, threads: int) -> dict[str, Any]:
+#: glibc's environment twin of `peflow.train.host.keep_freed_memory`
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_TOP_PAD_": str(64 << 20)}
+
+
+def run_open_clip_trainer(steps: int, threads: int, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Per-step samples/s of `python -m open_clip_train.main` on the tiny config."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg_dir = Path(tmp) / "oc_tiny"
@@ -237,7 +248,7 @@ def run_open_clip_trainer(steps: int, threads: int) -> dict[str, Any]:
                 "--save-frequency", "0", "--report-to", "", "--logs", str(Path(tmp) / "logs"),
                 "--name", "bench", "--seed", "0"]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   CUDA_VISIBLE_DEVICES="")
+                   CUDA_VISIBLE_DEVICES="", **(extra_env or {}))
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--open-clip-trainer-child", "--", *argv],
                               env=env, capture_output=True, text=True, timeout=3600)
@@ -261,15 +272,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", default="vanilla,vanilla+compile,pe",
+    ap.add_argument("--recipes", default="vanilla,vanilla+compile,pe,pe+compile",
                     help="peflow variants to time: <recipe>[+compile], comma-separated")
     ap.add_argument("--no-trainer", action="store_true", help="skip python -m open_clip_train.main")
+    ap.add_argument("--no-trainer-malloc", action="store_true", help="skip open_clip's trainer with the allocator setting")
     ap.add_argument("--trainer-steps", type=int, default=40)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
     set_threads(args.threads)
     import torch
+
+    from peflow.train.host import keep_freed_memory
+
+    keep_freed_memory()
 
     contenders: dict[str, tuple[Callable[[], None], Any]] = {}
     for r in [r for r in args.recipes.split(",") if r]:
@@ -294,18 +310,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[k] = {"samples_per_s": sps, "step_s_median": statistics.median(ts), "steps": len(ts),
                       "train_gflop_per_sample": flops[k] / 1e9,
                       "gflop_per_s": sps * flops[k] / 1e9, "fraction_of_mm_peak": sps * flops[k] / 1e9 / peak}
-    if not args.no_trainer:
-        tr = run_open_clip_trainer(args.trainer_steps, args.threads)
+    trainers = [] if args.no_trainer else [("open_clip/trainer", None)] + (
+        [] if args.no_trainer_malloc else [("open_clip/trainer+malloc", MALLOC_ENV)])
+    for key, env in trainers:
+        tr = run_open_clip_trainer(args.trainer_steps, args.threads, env)
         steady = tr["samples_per_s"][min(args.warmup, len(tr["samples_per_s"]) - 1):]
         sps = statistics.median(steady)
         f = flops["open_clip/pieces"]
-        results["open_clip/trainer"] = {"samples_per_s": sps, "steps": len(steady), "data_time_avg_s":
-                                        tr["data_time_avg_s"], "train_gflop_per_sample": f / 1e9,
-                                        "gflop_per_s": sps * f / 1e9, "fraction_of_mm_peak": sps * f / 1e9 / peak}
+        results[key] = {"samples_per_s": sps, "steps": len(steady), "data_time_avg_s": tr["data_time_avg_s"],
+                        "train_gflop_per_sample": f / 1e9, "gflop_per_s": sps * f / 1e9,
+                        "fraction_of_mm_peak": sps * f / 1e9 / peak}
         peaks.append(mm_peak())
 
     base_key = "open_clip/trainer" if "open_clip/trainer" in results else "open_clip/pieces"
-    ratios = {f"{k} / {base_key}": results[k]["samples_per_s"] / results[base_key]["samples_per_s"]
+    ratios = {f"{k} / {base}": results[k]["samples_per_s"] / results[base]["samples_per_s"]
+              for base in (base_key, "open_clip/trainer+malloc") if base in results
               for k in results if k.startswith("peflow/")}
     report = {
         "config": {"timm_tower": TIMM_TOWER, "image_size": IMAGE, "batch": BATCH, "text": TEXT, "embed_dim": EMBED,

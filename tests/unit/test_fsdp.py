@@ -186,7 +186,7 @@ def test_the_gpu_check_bench_runs_its_tiny_cpu_mode(tmp_path: Path) -> None:
     ddp, fsdp = doc["checks"]
     assert (ddp["parallelism"], fsdp["parallelism"], fsdp["activation_checkpointing"]) == ("ddp", "fsdp", True)
     for r in (ddp, fsdp):
-        assert r["optimizer"] == "Lamb" and r["samples_per_s"] > 0 and r["model_gflops_per_sample"] > 0
+        assert r["optimizer"] == "FusedLamb" and r["samples_per_s"] > 0 and r["model_gflops_per_sample"] > 0
         assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / doc["matmul_peak_tflops"])
     assert fsdp["foreach"] and fsdp["hfu"] == pytest.approx(4 / 3 * fsdp["mfu"])
     if not torch.cuda.is_available():

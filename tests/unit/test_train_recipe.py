@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -48,8 +50,10 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale() -> None:
     d = {names[id(p)] for p in decay["params"]}
     assert "visual.trunk.blocks.0.attn.qkv.weight" in d and "visual.trunk.patch_embed.proj.weight" in d
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    from timm.optim import Lamb
+
     opt = optim.build_optimizer(model, recipe.pe(), 1e-3)
-    assert type(opt).__name__ == "Lamb" and opt.defaults["betas"] == (0.9, 0.95)
+    assert isinstance(opt, Lamb) and opt.defaults["betas"] == (0.9, 0.95)
 
 
 def test_warmup_then_cosine_to_zero() -> None:
@@ -65,3 +69,60 @@ def test_warmup_then_cosine_to_zero() -> None:
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
+def _lamb_twins(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    a = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                            torch.nn.Linear(16, 4))
+    b = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                            torch.nn.Linear(16, 4))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _set_grads(models: tuple[torch.nn.Module, ...], g: torch.Generator, scale: float) -> None:
+    for ps in zip(*(m.parameters() for m in models)):
+        grad = scale * torch.randn(ps[0].shape, generator=g)
+        for p in ps:
+            p.grad = grad.clone()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["unclipped", "clipped"])
+def test_fused_lamb_matches_timm_lamb_and_shares_its_state(scale: float) -> None:
+    """FusedLamb (fused AdamW kernel + trust ratios) takes timm's LAMB steps, decayed and non-decayed groups,
+    with and without the global-norm clip; its state dict resumes timm's optimizer and back."""
+    from timm.optim import Lamb
+
+    ref, fused = _lamb_twins()
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    o_ref = Lamb(optim.param_groups(ref, 0.05), foreach=True, **kw)
+    o_fused = optim.lamb(optim.param_groups(fused, 0.05), **kw)
+    assert type(o_fused).__name__ == "FusedLamb" and o_fused._fusable()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        _set_grads((ref, fused), g, scale)
+        o_ref.step()
+        o_fused.step()
+    for p, q in zip(ref.parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    moved = sum((p - q).abs().sum().item() for p, q in zip(ref.parameters(), _lamb_twins()[0].parameters()))
+    assert moved > 0.1  # the steps did something
+
+    # timm resumes from FusedLamb's state dict (and the reverse): same next step
+    o_swap = Lamb(optim.param_groups(ref, 0.05), foreach=True, **kw)
+    o_swap.load_state_dict(copy.deepcopy(o_fused.state_dict()))  # as from a checkpoint file: no shared moments
+    _set_grads((ref, fused), g, scale)
+    o_swap.step()
+    o_fused.step()
+    for p, q in zip(ref.parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_lamb_falls_back_to_timm_for_what_the_kernel_does_not_cover() -> None:
+    _, m = _lamb_twins()
+    o = optim.FusedLamb(optim.param_groups(m, 0.05), lr=1e-2, caution=True)
+    assert not o._fusable()
+    _set_grads((m,), torch.Generator().manual_seed(0), 1.0)
+    o.step()  # timm's own step
+    assert all(len(s) == 2 for s in o.state.values())

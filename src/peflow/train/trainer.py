@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peflow.train import checkpoint as ckpt
-from peflow.train import parallel
+from peflow.train import host, parallel
 from peflow.train.optim import build_scheduler
 
 if TYPE_CHECKING:
@@ -117,6 +117,8 @@ class Trainer:
         self.local_batch = settings.global_batch // dist.world_size
         self.micro = min(settings.micro_batch or self.local_batch, self.local_batch)
         self.hist_path = settings.ckpt_dir / HISTORY
+        if dist.device.type == "cpu":  # no page faults on the tensors every step frees and reallocates
+            host.keep_freed_memory()
         torch.manual_seed(settings.seed)
         self.model = objective.build_model(dist).to(dist.device).train()
         if dist.world_size > 1:

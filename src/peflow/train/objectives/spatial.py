@@ -126,12 +126,9 @@ class SpatialObjective(Objective):
         self.grid = tuple(trunk.patch_embed.grid_size)
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        from timm.optim import Lamb
+        from peflow.train.optim import lamb, param_groups
 
-        from peflow.train.optim import param_groups
-
-        return Lamb(param_groups(model, self.weight_decay), lr=lr, betas=(0.9, 0.95),
-                    weight_decay=self.weight_decay, foreach=True)
+        return lamb(param_groups(model, self.weight_decay), lr=lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
 
     def batch(self, step: int) -> Batch:
         """(images [B, 3, S, S], student masks [B, h, w], similarity targets [B, N, N]) of this rank's rows."""
