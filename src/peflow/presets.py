@@ -63,7 +63,8 @@ def nano() -> Pipeline:
         # 2000 steps: vanilla 34.4% in 338 s, pe 23.4% in 523 s. LAMB at 4e-3 learned slower than at
         # 1e-3; crops down to 8% of the image did not learn (captions no longer describe the crop);
         # AdamW at 2e-3 stalled at ln(batch).
-        # 1200 steps for the demo's 15-minute goal (docs/alignment.md): pe 24.2% through Airflow.
+        # 1200 steps for the demo's 15-minute goal (docs/alignment.md): pe 24.2% / 20.2% through Airflow
+        # (timm's LAMB loop / FusedLamb).
         "pretrain": pretrain.Config(model="nano", recipe="pe", steps=1200, global_batch=64, lr=1e-3,
                                     resolutions="48:0.5,64:0.5", crop_scale_min=0.5, seed=0),
         # The engine, measured on 2 CPU cores (nano corpus, 960 human-captioned train videos): the

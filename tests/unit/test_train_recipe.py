@@ -126,3 +126,19 @@ def test_fused_lamb_falls_back_to_timm_for_what_the_kernel_does_not_cover() -> N
     _set_grads((m,), torch.Generator().manual_seed(0), 1.0)
     o.step()  # timm's own step
     assert all(len(s) == 2 for s in o.state.values())
+
+
+def test_plain_lr_sets_the_lr_of_the_groups_lamb_does_not_adapt() -> None:
+    import dataclasses
+
+    from peflow.models.pe import build_model
+    from peflow.stages import pretrain
+
+    plan = pretrain.plan_from_config(pretrain.Config(data="d", out="o", model="micro", lr=1e-2, plain_lr=1e-3))
+    opt = optim.build_optimizer(build_model("micro"), plan.recipe, plan.lr)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-3]
+    sched = optim.build_scheduler(opt, warmup_steps=0, total_steps=10)
+    sched.step()
+    assert opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="plain_lr"):
+        dataclasses.replace(recipe.vanilla(), plain_lr=1e-3).validate()

@@ -55,6 +55,8 @@ class Config:
     micro_batch: int = opt(0, "Rows per forward on each process; smaller than the local batch accumulates "
                               "gradients (0 = no accumulation).", min=0)
     lr: float | None = opt(None, "Peak learning rate (default: the recipe's).", min=0.0)
+    plain_lr: float | None = opt(None, "Peak learning rate of the parameters LAMB does not adapt (biases, norms, "
+                                       "embeddings, logit scale; default: --lr).", min=0.0)
     warmup_steps: int | None = opt(None, "Linear warm-up steps (default: the recipe's fraction of steps).", min=0)
     seed: int = opt(0, "Seed of initialisation, data order, augmentation and masks.")
     resolutions: str = opt("48:0.5,64:0.5", "Progressive resolution as RES:FRACTION,... e.g. 32:0.4,48:0.35,64:0.25 "
@@ -79,7 +81,7 @@ class Config:
                           key=False)
     threads: int = opt(0, "torch threads per process (0: torch's default; torchrun sets 1 per process).",
                        min=0, key=False)
-    compile: bool = opt(False, "Run the forward and loss through torch.compile: about 1.1x faster steps on 2 CPU "
+    compile: bool = opt(False, "Run the forward and loss through torch.compile: up to 1.07x faster steps on 2 CPU "
                                "cores (bench/README.md) after a compile of one to two minutes per resolution.")
     # Not in the output key, like the process count: both change how a step is computed, not what (FSDP's
     # losses match DDP's to float rounding, activation checkpointing's bit for bit; tests/unit/test_fsdp.py).
@@ -108,13 +110,15 @@ def plan_from_config(cfg: Config) -> Any:
                                if getattr(cfg, k) is not None}
     if cfg.crop_scale_min is not None:
         changes["crop_scale"] = (cfg.crop_scale_min, 1.0)
+    lr = cfg.lr if cfg.lr is not None else recipe.lr
+    if cfg.plain_lr is not None:
+        changes.update(lr=lr, plain_lr=cfg.plain_lr)
     recipe = dataclasses.replace(recipe, **changes)
     recipe.validate()
     resolutions = parse_resolutions(cfg.resolutions) if cfg.resolutions.strip() else [(p.image_size, 1.0)]
     for r, _ in resolutions:
         if r % p.patch_size:
             raise ValueError(f"resolution {r} is not a multiple of model {p.name}'s patch size {p.patch_size}")
-    lr = cfg.lr if cfg.lr is not None else recipe.lr
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(recipe.warmup_fraction * cfg.steps)
     from peflow.train.checkpoint import ckpt_dir
 

@@ -127,6 +127,8 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.
     """LAMB (PE) or AdamW (vanilla) over decayed and non-decayed parameter groups."""
     groups = param_groups(model, recipe.weight_decay)
     if recipe.optimizer == "lamb":
+        if recipe.plain_lr is not None:  # the non-decayed group: no trust ratio, Adam's step at its own lr
+            groups[1]["lr"] = recipe.plain_lr * lr / recipe.lr
         return lamb(groups, lr=lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     # fused: one kernel over all parameters (CPU and CUDA); on CPU it is ~9x faster than the default
     # per-tensor loop for the dense 49408-row token-embedding update (bench/README.md).

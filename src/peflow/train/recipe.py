@@ -39,6 +39,10 @@ class Recipe:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     lr: float = 2e-3
+    #: lr of the parameters LAMB does not adapt (biases, norms, embeddings, logit scale: weight decay 0, so no
+    #: trust ratio, a plain Adam step); None = lr. A short run raises lr, which sets the per-step change of the
+    #: adapted matrices relative to their norm, without taking these to an Adam lr that diverges.
+    plain_lr: float | None = None
     warmup_fraction: float = 0.05  #: warm-up steps as a fraction of the run, when not set explicitly
     max_logit_scale: float = 100.0
     progressive_resolution: bool = True
@@ -63,6 +67,9 @@ class Recipe:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.plain_lr is not None and (self.plain_lr <= 0 or self.optimizer != "lamb"):
+            raise ValueError(f"plain_lr must be > 0 and needs the lamb optimizer, got {self.plain_lr} "
+                             f"with {self.optimizer}")
 
 
 def pe() -> Recipe:
