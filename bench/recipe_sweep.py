@@ -94,13 +94,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       **{key: m.get(key) for _, key in COLUMNS},
                       "probe/cls/best_layer": m.get("probe/cls/best_layer"), "probe/cls/best": m.get("probe/cls/best"),
                       "probe/cls/last": m.get("probe/cls/last")}
-    head = ["variant", *(c for c, _ in COLUMNS), "cls probe best layer (best / last)", "pretrain s"]
+    head = ["variant", *(c for c, _ in COLUMNS), "cls probe best layer (best / last)", "train s"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, r in rows.items():
         cells = [f"{100 * r[k]:.1f}%" if r[k] is not None else "-" for _, k in COLUMNS]
         probe = (f"{int(r['probe/cls/best_layer'])} ({r['probe/cls/best']:.3f} / {r['probe/cls/last']:.3f})"
                  if r["probe/cls/best"] is not None else "-")
-        print(f"| {name} | " + " | ".join(cells) + f" | {probe} | {r['pretrain_wall_s']:.0f} |")
+        seconds = r["train_s"] if r["train_s"] is not None else r["pretrain_wall_s"]  # a reused run: its own time
+        print(f"| {name} | " + " | ".join(cells) + f" | {probe} | {seconds:.0f} |")
     report = {"preset": args.preset, "nodes": args.nodes, "data": args.data, "load_avg": os.getloadavg(),
               "variants": rows}
     out = Path(args.out)
