@@ -3,8 +3,12 @@
 Wiring only: tasks, their dependencies and Params come from peflow's stage
 registry and presets; each task is one call into `peflow.orchestration`
 (distributed stages launch the TorchX component through the TorchX runner
-API). `start_run` checks every stage's config before any stage runs. A
-configuration or input error fails its task at once (no retries);
+API). A variant's tasks (the recipe ablation, the engine ablation, the
+ablation ladder's nine steps) are the same stage tasks mapped over the
+variant's members (dynamic task mapping): `<variant>_members` lists them
+for this run's Params, none when the variant is off (its mapped tasks are
+then skipped). `start_run` checks every stage's config before any stage
+runs. A configuration or input error fails its task at once (no retries);
 infrastructure errors keep their retries. Each stage task updates the Asset
 `x-peflow://stages/<task>` with its output path and key, so the Assets view
 shows the lineage. XCom carries run ids, paths and small metrics.
@@ -18,7 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `components`
 
@@ -75,24 +79,40 @@ def start_run() -> str:
     return orchestration.start_pipeline_run(_config(), tags=tags)
 
 
+def variant_members(variant: str):
+    @task(task_id=f"{variant}_members", execution_timeout=timedelta(minutes=5))
+    @fail_fast
+    def members(parent_run_id: str) -> list[str]:
+        """The variant's members in this run (what its tasks are mapped over): none when its Param is off."""
+        return _config().members(variant)
+
+    return members
+
+
 def stage_task(t: orchestration.Task):
     stage = stages.get(t.stage)
     out = asset(t)
 
     doc = stage.summary + (f" (variant {t.variant}: {stages.get_variant(t.variant).summary})" if t.variant else "")
+    mapped: dict = {}
+    if t.variant:
+        # the mapped instance's name in the UI; a variant that is off (its training skipped) does not stop the
+        # next variant's training, which waits for it only to keep one training at a time
+        mapped = {"map_index_template": "{{ peflow_member }}", "trigger_rule": "none_failed"}
+        if stage.distributed:
+            mapped["max_active_tis_per_dagrun"] = 1  # a variant's members train one after another
 
-    @task(task_id=t.id, doc_md=doc, outlets=[out])
+    @task(task_id=t.id, doc_md=doc, outlets=[out], **mapped)
     @fail_fast
-    def run(parent_run_id: str) -> dict:
+    def run(parent_run_id: str, member: str | None = None) -> dict:
         ctx = get_current_context()
+        ctx["peflow_member"] = member  # the mapped task instance's name in the UI (map_index_template)
         cfg = _config()
-        if not orchestration.active(cfg, t):
-            why = f"Param `{stages.get_variant(t.variant).param}` is off" if t.variant else "an external data source"
-            raise AirflowSkipException(f"not in this run ({why})")
-        launch = _torchx_launch(t.id) if stage.distributed else orchestration.launch_subprocess
+        one = orchestration.Task(t.stage, t.variant, member)
+        launch = _torchx_launch(one.label) if stage.distributed else orchestration.launch_subprocess
         summary = orchestration.run_stage(t.stage, cfg, parent_run_id=parent_run_id, launch=launch,
-                                          variant=t.variant)
-        ctx["outlet_events"][out].extra = {k: summary[k] for k in ("out", "key", "ran", "reused")}
+                                          variant=t.variant, member=member)
+        ctx["outlet_events"][out].extra = {k: summary[k] for k in ("out", "key", "ran", "reused", "variant")}
         return summary
 
     return run
@@ -104,13 +124,14 @@ def end_run(parent_run_id: str | None, names: list[str]) -> dict:
         raise RuntimeError("start_run failed (its log says why): no pipeline run to close")
     ctx = get_current_context()
     cfg = _config()
-    summaries = {n: ctx["ti"].xcom_pull(task_ids=n) for n in names}
-    wanted = [t.id for t in orchestration.tasks() if orchestration.active(cfg, t)]
-    failed = [n for n in wanted if not summaries[n]]
-    orchestration.end_pipeline_run(cfg, parent_run_id, [s for s in summaries.values() if s], failed=bool(failed))
+    # a list per task: its summary, or one per member of a mapped task
+    summaries = [s for n in names for s in ctx["ti"].xcom_pull(task_ids=[n]) if s]
+    done = {orchestration.summary_label(s): s for s in summaries}
+    failed = [t.label for t in orchestration.instances(cfg) if t.label not in done]
+    orchestration.end_pipeline_run(cfg, parent_run_id, summaries, failed=bool(failed))
     if failed:
         raise RuntimeError(f"stages did not finish: {failed}")
-    return {n: s["metrics"] for n, s in summaries.items() if s}
+    return {label: s["metrics"] for label, s in done.items()}
 
 
 @dag(
@@ -128,14 +149,18 @@ def end_run(parent_run_id: str | None, names: list[str]) -> dict:
 )
 def pe_pipeline():
     parent = start_run()
+    members = {v.name: variant_members(v.name)(parent) for v in stages.variants()}
     all_tasks = orchestration.tasks()
-    ops = {t.id: stage_task(t)(parent) for t in all_tasks}
+    ops = {t.id: (stage_task(t).partial(parent_run_id=parent).expand(member=members[t.variant]) if t.variant
+                  else stage_task(t)(parent)) for t in all_tasks}
     # The stages' dependency graph: each task after the tasks whose outputs it reads.
+    trained: dict[str, str] = {}
     for t in all_tasks:
         for up in t.upstream:
             ops[up.id] >> ops[t.id]
-        if t.variant and stages.get(t.stage).distributed:
-            ops[t.stage] >> ops[t.id]  # one training at a time on a small machine
+        if stages.get(t.stage).distributed and t.stage in trained:
+            ops[trained[t.stage]] >> ops[t.id]  # one training at a time: each variant's after the one before
+        trained[t.stage] = t.id
     end_run(parent, list(ops)) << list(ops.values())
 
 

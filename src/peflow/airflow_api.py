@@ -84,10 +84,11 @@ class AirflowAPI:
                 return run
             time.sleep(poll)
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
-        """The XCom value a task pushed (its return value by default)."""
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        """The XCom value a task pushed (its return value by default); of a mapped task, instance `map_index`'s."""
         rid = urllib.request.quote(run_id, safe="")
-        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{rid}/taskInstances/{task_id}/xcomEntries/{key}")["value"]
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{rid}/taskInstances/{task_id}/xcomEntries/{key}"
+                        f"?map_index={map_index}")["value"]
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         rid = urllib.request.quote(run_id, safe="")

@@ -113,15 +113,17 @@ def _run_pipeline(cfg: Any) -> None:
     from peflow import orchestration
     from peflow.run_report import is_detail
 
+    from rich.markup import escape
+
     console = Console()
-    summaries = orchestration.run_pipeline(cfg, echo=lambda m: console.rule(m.strip("= ")))
+    summaries = orchestration.run_pipeline(cfg, echo=lambda m: console.rule(escape(m.strip("= "))))
     table = Table(title=f"pipeline run {cfg.out}")
     for col in ("task", "ran", "seconds", "key metrics"):
         table.add_column(col, overflow="fold")
     for s in summaries:
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in s["metrics"].items()
                             if isinstance(v, (int, float)) and not is_detail(k))
-        table.add_row(s["task"], "yes" if s["ran"] else f"reused ({s['reused']})", f"{s['seconds']:.1f}", metrics)
+        table.add_row(escape(orchestration.summary_label(s)), "yes" if s["ran"] else f"reused ({s['reused']})", f"{s['seconds']:.1f}", metrics)
     console.print(table)
     report = Path(remote.localize(cfg.out)) / "report.html"
     if report.is_file():

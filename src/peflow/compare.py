@@ -140,19 +140,28 @@ def named_runs(client: Any, run_ids: Sequence[str], experiment: str) -> list[Any
 
 def _stage_metrics(run: Any) -> dict[str, float]:
     """A stage run's metrics under the names the pipeline run gives them (`evaluate/...`,
-    `ablation/evaluate/...` for a stage run of a variant, found by its output folder OUT/<variant>/<stage>)."""
-    from peflow.stages import metric_key, variants
+    `ablation/evaluate/...`, `ladder/lamb/evaluate/...` for a stage run of a variant version, found by its
+    output folder OUT/<version>/<stage>)."""
+    from peflow.stages import metric_key
 
     stage = run.data.tags["peflow.stage"]
-    parent = Path(run.data.params.get("out", "")).parent.name
-    variant = parent if parent in {v.name for v in variants()} else None
+    parent = Path(run.data.params.get("out", "")).parent
+    known = versions()
+    variant = next((v for v in (parent.name, f"{parent.parent.name}/{parent.name}") if v in known), None)
     return {metric_key({"stage": stage, "variant": variant}, k): v for k, v in run.data.metrics.items()}
+
+
+def versions() -> list[str]:
+    """Every variant version a pipeline run may have: `ablation`, `metadata`, `ladder/baseline`, ..."""
+    from peflow.stages import variants
+
+    return [v.version(m) for v in variants() for m in v.versions()]
 
 
 def rows(client: Any, run: Any) -> list[Row]:
     """A run as table rows: a stage run's metrics prefixed by its stage; a pipeline run's metrics
     (those missing, e.g. while it runs, filled in from its stage runs), and a row for each variant
-    it has (the recipe ablation, the engine ablation)."""
+    version it has (the recipe ablation, the engine ablation, each step of the ablation ladder)."""
     from peflow.stages import ABLATION, variants
     from peflow.train.recipe import other_recipe
 
@@ -170,11 +179,12 @@ def rows(client: Any, run: Any) -> list[Row]:
         metrics.update(run.data.metrics)
     start = datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
     recipe = tags.get("peflow.recipe") or params.get("recipe", "")
-    names = [v.name for v in variants()]
+    names = {v.name for v in variants()}
     plain = {k: v for k, v in metrics.items() if k.split("/", 1)[0] not in names}
     main = Row(run_id=run.info.run_id, name=run.info.run_name or "", start=start, status=run.info.status,
                recipe=recipe, preset=tags.get("peflow.preset") or params.get("preset", ""), metrics=plain)
-    varied = {n: {k.removeprefix(f"{n}/"): v for k, v in metrics.items() if k.startswith(f"{n}/")} for n in names}
+    varied = {n: {k.removeprefix(f"{n}/"): v for k, v in metrics.items() if k.startswith(f"{n}/")}
+              for n in versions()}
     out = [main] if plain or not any(varied.values()) else []
     for name, m in varied.items():
         if not m:
@@ -276,6 +286,32 @@ def table(cmp: Comparison, *, transposed: bool = False) -> Any:
     return t
 
 
+def ladder_tables(cmp: Comparison) -> list[Any]:
+    """A rich Table per compared pipeline run that has the ablation ladder: its steps next to the paper's
+    Tab. 26 (peflow.ladder)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from peflow import ladder
+    from peflow.stages import LADDER
+
+    out = []
+    for run_id in dict.fromkeys(r.run_id for r in cmp.rows):
+        steps = {r.variant.removeprefix(f"{LADDER}/"): r.metrics for r in cmp.rows
+                 if r.run_id == run_id and r.variant and r.variant.startswith(f"{LADDER}/")}
+        rows = ladder.table(steps)
+        if not rows:
+            continue
+        t = Table(title=f"ablation ladder of run {run_id[:8]} (paper Tab. 26)",
+                  caption="ours: fractions on the corpus's shape task; paper: ImageNet %, L/14")
+        for h in ladder.HEADER:
+            t.add_column(h, justify="left" if h == "step" else "right")
+        for row in rows:
+            t.add_row(*map(escape, row))
+        out.append(t)
+    return out
+
+
 def plot(cmp: Comparison, path: str | Path) -> Path:
     """Bar plot: metrics with values in [0, 1] grouped in one panel (one bar per run), each other
     metric in its own panel; best bars outlined."""
@@ -338,6 +374,8 @@ def report(cmp: Comparison, *, plot_path: str | None, as_json: bool) -> None:
         console.print(wide_table if fits else table(cmp, transposed=True))
         for p in cmp.unmatched:
             console.print(f"[yellow]no run has a metric matching {p!r}[/]")
+        for t in ladder_tables(cmp):
+            console.print(t)
     if plot_path and cmp.columns:
         written = plot(cmp, plot_path)
         if not as_json:

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from peflow import io, orchestration, remote, services
+from peflow import io, orchestration, remote, services, stages
 from peflow.airflow_api import TERMINAL, AirflowAPI
 from peflow.run_report import is_detail
 
@@ -61,10 +61,12 @@ def task_table(run_id: str, tis: list[dict[str, Any]], elapsed: float, state: st
     for col in ("task", "state", "try", "seconds"):
         table.add_column(col)
     order = {t: i for i, t in enumerate(["start_run", *[t.id for t in orchestration.tasks()], "end_run"])}
-    for ti in sorted(tis, key=lambda t: order.get(t["task_id"], 99)):
+    for ti in sorted(tis, key=lambda t: (order.get(t["task_id"], 99), t.get("map_index", -1))):
         st = ti.get("state") or "queued"
         sec = _seconds(ti)
-        table.add_row(ti["task_id"], f"[{STYLE.get(st, '')}]{st}[/]", str(ti.get("try_number", "")),
+        index = ti.get("map_index", -1)
+        name = ti["task_id"] + (f"[{ti.get('rendered_map_index') or index}]" if index is not None and index >= 0 else "")
+        table.add_row(name, f"[{STYLE.get(st, '')}]{st}[/]", str(ti.get("try_number", "")),
                       "" if sec is None else f"{sec:.1f}")
     return table
 
@@ -89,12 +91,13 @@ def metrics_table(run_root: Path) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for t in orchestration.tasks():
-        path = run_root / (t.variant or "") / t.stage / io.METRICS
-        if path.is_file():
-            for k, v in json.loads(path.read_text()).items():
-                if is_detail(k):
-                    continue
-                table.add_row(t.id, k, f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
+        members = stages.get_variant(t.variant).versions() if t.variant else [None]
+        for one in (orchestration.Task(t.stage, t.variant, m) for m in members):
+            path = run_root.joinpath(*(one.version or "").split("/"), t.stage, io.METRICS)
+            if path.is_file():
+                for k, v in json.loads(path.read_text()).items():
+                    if not is_detail(k):
+                        table.add_row(one.label, k, f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
     return table
 
 
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train and evaluate the other recipe at the same budget (about twice as long)")
     p.add_argument("--engine-ablation", action="store_true",
                    help="also finetune on video titles and descriptions instead of the engine's captions")
+    p.add_argument("--ladder", action="store_true",
+                   help="also run the paper's ablation ladder: nine pretrainings and evaluations (about 40 minutes "
+                        "more on 2 cores)")
     a = p.parse_args(argv)
     root = services.REPO
     t0 = time.monotonic()
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         api = AirflowAPI(services.airflow_url(), "admin", services.airflow_password())
         api.wait_for_dag(DAG_ID)
         conf = {"preset": a.preset, "recipe": a.recipe, "ablation": a.ablation, "engine_ablation": a.engine_ablation,
-                "data_source": str(root / "data" / "synth")}
+                "ladder": a.ladder, "data_source": str(root / "data" / "synth")}
         run_id = api.trigger(DAG_ID, conf)
         console.print(f"triggered {DAG_ID} run {run_id} with {conf}")
         state, tis, wall = follow(api, run_id)

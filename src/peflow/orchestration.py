@@ -63,6 +63,9 @@ class RunConfig:
     engine_ablation: bool = opt(False, "also finetune on video titles and descriptions instead of the engine's "
                                        "captions (paper Tab. 2), under OUT/metadata/; the report puts them side "
                                        "by side with the image-only model")
+    ladder: bool = opt(False, "also run the paper's ablation ladder (Tab. 26): nine pretrainings at the run's budget, "
+                              "vanilla CLIP to the PE recipe one step at a time, each evaluated, under "
+                              "OUT/ladder/<step>/; the report shows them as one table next to the paper's")
 
     def __post_init__(self) -> None:
         for name in ("preset", "scheduler", "recipe"):
@@ -88,6 +91,10 @@ class RunConfig:
         """The variants this run has (those whose `param` is set)."""
         return [v.name for v in stages.variants() if getattr(self, v.param, False)]
 
+    def members(self, variant: str) -> list[str]:
+        """The members of `variant` this run makes (none when it does not have the variant)."""
+        return list(stages.get_variant(variant).versions()) if variant in self.variants() else []
+
     def pipeline(self) -> presets.Pipeline:
         return presets.get(self.preset)
 
@@ -101,15 +108,34 @@ def _field(name: str) -> dataclasses.Field:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One task of a pipeline run: a stage, or a variant's version of it (peflow.stages.Variant)."""
+    """One task of a pipeline run: a stage, or a variant's version of it (peflow.stages.Variant). A variant
+    task without a member is the DAG's task mapped over the variant's members; with one, one member's run."""
 
     stage: str
     variant: str | None = None
+    member: str | None = None
 
     @property
     def id(self) -> str:
-        """Task id in the DAG, and the key of its metrics in the pipeline run: `pretrain`, `pretrain_ablation`."""
+        """Task id in the DAG: `pretrain`, `pretrain_ablation`, `pretrain_ladder` (mapped over the ladder's steps)."""
         return self.stage if self.variant is None else f"{self.stage}_{self.variant}"
+
+    @property
+    def version(self) -> str | None:
+        """The variant version of the output (folder under OUT, metric prefix): None for a main task,
+        `ablation`, `ladder/lamb`."""
+        if self.variant is None:
+            return None
+        v = stages.get_variant(self.variant)
+        if self.member is None and v.members:
+            raise ValueError(f"task {self.id} is mapped over {list(v.members)}: each member has its own version")
+        return v.version(self.member or v.name)
+
+    @property
+    def label(self) -> str:
+        """`pretrain`, `pretrain_ablation`, `pretrain_ladder[lamb]`: the task and, of a mapped one, its member."""
+        members = stages.get_variant(self.variant).members if self.variant else ()
+        return f"{self.id}[{self.member}]" if members and self.member else self.id
 
     @property
     def inputs(self) -> list[tuple[str, Task | None]]:
@@ -119,7 +145,7 @@ class Task:
         out: list[tuple[str, Task | None]] = []
         for field, up in stages.get(self.stage).inputs:
             if v is not None and up in v.stages():
-                out.append((field, Task(up, self.variant)))
+                out.append((field, Task(up, self.variant, self.member)))
             else:
                 out.append((field, None if v is not None and up in v.stale() else Task(up)))
         return out
@@ -131,14 +157,23 @@ class Task:
 
 
 def tasks() -> list[Task]:
-    """Every task a pipeline run may execute, in a valid order: the stages, then each variant's tasks."""
+    """Every task of the DAG, in a valid order: the stages, then each variant's tasks (mapped over its members)."""
     return [Task(s.name) for s in stages.all_stages()] + [Task(n, v.name) for v in stages.variants()
                                                           for n in v.stages()]
 
 
-def active(cfg: RunConfig, t: Task) -> bool:
-    """Whether the run has task `t`: a variant's tasks only when the run has that variant."""
-    return t.variant is None or t.variant in cfg.variants()
+def instances(cfg: RunConfig) -> list[Task]:
+    """Every task this run executes, in a valid order: the stages, then each variant's, member by member."""
+    out = [Task(s.name) for s in stages.all_stages()]
+    for v in stages.variants():
+        out += [Task(n, v.name, m) for m in cfg.members(v.name) for n in v.stages()]
+    return out
+
+
+def summary_label(summary: dict[str, Any]) -> str:
+    """The task label (`Task.label`) of a `run_stage` summary."""
+    variant = summary["task"][len(summary["stage"]) + 1:] or None
+    return Task(summary["stage"], variant, summary.get("member")).label
 
 
 def external(cfg: RunConfig, t: Task) -> bool:
@@ -146,13 +181,14 @@ def external(cfg: RunConfig, t: Task) -> bool:
     return t.stage == "synth" and cfg.data_source != BUILTIN
 
 
-def stage_dir(cfg: RunConfig, name: str, variant: str | None = None) -> str:
+def stage_dir(cfg: RunConfig, name: str, version: str | None = None) -> str:
     """Where a stage's output lives (a path, or an `s3://` URI under an `s3://` OUT); with an external
-    data source, synth's is that source. An ablation variant lives under OUT/ablation/."""
+    data source, synth's is that source. A variant version lives under OUT/<version>/ (OUT/ablation/,
+    OUT/ladder/lamb/)."""
     if name == "synth" and cfg.data_source != BUILTIN:
         return cfg.data_source
-    if variant is not None:
-        return remote.join(cfg.out, variant, name)
+    if version is not None:
+        return remote.join(cfg.out, *version.split("/"), name)
     return remote.join(cfg.out, name)
 
 
@@ -188,24 +224,24 @@ def task_config(cfg: RunConfig, t: Task, pipeline: presets.Pipeline | None = Non
     changes.update(parse_overrides(cfg.overrides).get(t.stage, {}))
     if t.variant is not None and t.stage in stages.get_variant(t.variant).roots:
         main = config.replace(base, changes, where=t.stage)
-        changes.update(stages.get_variant(t.variant).change(t.stage, main))
-    changes["out"] = str(stage_dir(cfg, t.stage, t.variant))
+        changes.update(stages.get_variant(t.variant).change(t.stage, main, t.member or t.variant))
+    changes["out"] = str(stage_dir(cfg, t.stage, t.version))
     for field, up in t.inputs:
-        changes[field] = "" if up is None else str(stage_dir(cfg, up.stage, up.variant))
-    stage_cfg = config.replace(base, changes, where=t.id)
+        changes[field] = "" if up is None else str(stage_dir(cfg, up.stage, up.version))
+    stage_cfg = config.replace(base, changes, where=t.label)
     runner.check(stage, stage_cfg)
     return stage_cfg
 
 
 def resolve(cfg: RunConfig) -> dict[str, Any]:
-    """Every active task's stage config (task id -> config), all checked: the first bad field raises
+    """Every task's stage config (task label -> config), all checked: the first bad field raises
     ConfigError before any stage runs."""
     pipeline = cfg.pipeline()
     cfg.selected()
     for v in stages.variants():
         if getattr(cfg, v.param, False) and not v.stages():
             raise ConfigError(f"{v.param}: no registered stage for variant {v.name!r} to vary")
-    return {t.id: task_config(cfg, t, pipeline) for t in tasks() if active(cfg, t) and not external(cfg, t)}
+    return {t.label: task_config(cfg, t, pipeline) for t in instances(cfg) if not external(cfg, t)}
 
 
 def config_argv(stage_cfg: Any) -> list[str]:
@@ -238,21 +274,28 @@ Launcher = Callable[[str, list[str], RunConfig], None]
 
 
 def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
-              launch: Launcher = launch_subprocess, variant: str | None = None) -> dict[str, Any]:
-    """Run one task of a pipeline run: the stage (or its ablation variant) when selected, else reuse
-    its output. Returns a small summary (fits in an Airflow XCom): task id, output path and key,
-    whether it ran (or how it was reused), seconds, and the stage's metrics."""
+              launch: Launcher = launch_subprocess, variant: str | None = None,
+              member: str | None = None) -> dict[str, Any]:
+    """Run one task of a pipeline run: the stage (or a variant member's version of it) when selected, else
+    reuse its output. Returns a small summary (fits in an Airflow XCom): task id, variant version and
+    member, output path and key, whether it ran (or how it was reused), seconds, and the stage's metrics."""
     stage = stages.get(name)
-    task = Task(name, variant)
     t0 = time.monotonic()
-    if variant is not None and variant not in cfg.variants():
+    if variant is not None:
         v = stages.get_variant(variant)
-        raise ConfigError(f"task {task.id}: this run has no {variant} variant (set {v.param})")
+        if variant not in cfg.variants():
+            raise ConfigError(f"task {name}_{variant}: this run has no {variant} variant (set {v.param})")
+        if member is None and v.members:
+            raise ConfigError(f"task {name}_{variant}: name a member of the variant: {list(v.members)}")
+        member = member or variant
+        v.version(member)  # an unknown member raises
+    task = Task(name, variant, member)
     if external(cfg, task):
         source = stage_dir(cfg, name)
         if not (remote.exists(source) if remote.is_remote(source) else Path(source).is_dir()):
             raise config.InputError(f"data_source {source}: not a folder")
-        return {"stage": name, "task": task.id, "variant": None, "recipe": None, "out": str(source), "key": None,
+        return {"stage": name, "task": task.id, "variant": None, "member": None, "recipe": None, "out": str(source),
+                "key": None,
                 "ran": False, "reused": "data source", "seconds": 0.0, "metrics": {}}
     stage_cfg = task_config(cfg, task)
     selected = name in cfg.selected()
@@ -261,7 +304,7 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
     with io.environ(env):  # child processes (torchrun replicas) inherit these
         outcome = None if force else runner.reuse(stage, stage_cfg)
         if outcome is None and not selected:
-            raise ConfigError(f"stage {task.id} is not selected (stage: {cfg.stage!r}) and no earlier run made its "
+            raise ConfigError(f"stage {task.label} is not selected (stage: {cfg.stage!r}) and no earlier run made its "
                               f"output with this configuration; select it too, or run 'all'")
         if outcome is None and stage.distributed:
             launch(name, ["--preset", cfg.preset, *(["--force"] if force else []), *config_argv(stage_cfg)], cfg)
@@ -269,7 +312,8 @@ def run_stage(name: str, cfg: RunConfig, *, parent_run_id: str | None = None,
         elif outcome is None:
             outcome = runner.execute(stage, stage_cfg, force=force)
     recipe = getattr(stage_cfg, "recipe", None) if stage.ablation else None
-    return {"stage": name, "task": task.id, "variant": variant, "recipe": recipe, "out": outcome.out,
+    return {"stage": name, "task": task.id, "variant": task.version, "member": member, "recipe": recipe,
+            "out": outcome.out,
             "key": outcome.key, "ran": outcome.ran, "reused": outcome.reused,
             "seconds": round(time.monotonic() - t0, 2), "metrics": outcome.metrics}
 
@@ -299,7 +343,8 @@ def end_pipeline_run(cfg: RunConfig, run_id: str, summaries: list[dict[str, Any]
     for s in summaries:
         if not s:
             continue
-        client.log_metric(run_id, f"time/{s['task']}_s", s["seconds"])
+        member = f"/{s['member']}" if s.get("member") and s["member"] != s.get("variant") else ""
+        client.log_metric(run_id, f"time/{s['task']}{member}_s", s["seconds"])
         for k, v in s.get("metrics", {}).items():
             if isinstance(v, (int, float)):
                 client.log_metric(run_id, stages.metric_key(s, k), float(v))
@@ -333,11 +378,10 @@ def run_pipeline(cfg: RunConfig, *, launch: Launcher = launch_subprocess,
     summaries: list[dict[str, Any]] = []
     failed = True
     try:
-        for t in tasks():
-            if not active(cfg, t):
-                continue
-            echo(f"== {t.id} ==")
-            summaries.append(run_stage(t.stage, cfg, parent_run_id=parent, launch=launch, variant=t.variant))
+        for t in instances(cfg):
+            echo(f"== {t.label} ==")
+            summaries.append(run_stage(t.stage, cfg, parent_run_id=parent, launch=launch, variant=t.variant,
+                                       member=t.member))
         failed = False
     finally:
         end_pipeline_run(cfg, parent, summaries, failed=failed)

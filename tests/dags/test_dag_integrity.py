@@ -19,7 +19,9 @@ for dag_id, dag in bag.dags.items():
                                  "description": dag.params.get_param(k).description} for k in dag.params},
         "tasks": {t.task_id: {"retries": t.retries, "timeout": t.execution_timeout.total_seconds()
                               if t.execution_timeout else None,
-                              "upstream": sorted(t.upstream_task_ids)} for t in dag.tasks},
+                              "upstream": sorted(t.upstream_task_ids), "mapped": "Mapped" in type(t).__name__,
+                              "max_active": getattr(t, "max_active_tis_per_dagrun", None),
+                              "trigger_rule": str(t.trigger_rule)} for t in dag.tasks},
     }
 print("RESULT" + json.dumps(out))
 """
@@ -45,12 +47,23 @@ def test_dags_import_cleanly_with_policy(airflow_env):
                 assert t["retries"] >= 1, f"{dag_id}.{tid} has no retries"
 
     dag = bag["dags"]["pe_pipeline"]
+    trained = {}
     for t in orchestration.tasks():
         # the stages' dependency graph: a task waits for exactly the tasks whose outputs it reads
         want = {"start_run", *(u.id for u in t.upstream)}
-        if t.variant and stages.get(t.stage).distributed:
-            want.add(t.stage)  # one training at a time: an ablation's training after its main twin
-        assert set(dag["tasks"][t.id]["upstream"]) == want, t.id
+        if t.variant:
+            want.add(f"{t.variant}_members")  # mapped over the variant's members in this run
+        distributed = stages.get(t.stage).distributed
+        if distributed and t.stage in trained:
+            want.add(trained[t.stage])  # one training at a time: each variant's after the one before
+        trained[t.stage] = t.id
+        task = dag["tasks"][t.id]
+        assert set(task["upstream"]) == want, t.id
+        assert task["mapped"] == bool(t.variant), t.id  # a variant's tasks are the stage tasks, mapped
+        # a variant that is off (skipped) must not skip the next variant's training chained after it
+        assert task["trigger_rule"].lower().endswith("none_failed" if t.variant else "all_success"), t.id
+        if t.variant and distributed:
+            assert task["max_active"] == 1, t.id
     assert set(dag["tasks"]["end_run"]["upstream"]) == {t.id for t in orchestration.tasks()} | {"start_run"}
     assert set(orchestration.params_spec()) == set(dag["params"])
     for name, schema in dag["param_meta"].items():

@@ -49,8 +49,18 @@ def pipeline_run(stack, tiny_corpus):
     run_id = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "nodes": "2x1",
                                          "ablation": True, "engine_ablation": True})
     state = api.wait_run("pe_pipeline", run_id)["state"]
-    tis = {t["task_id"]: t["state"] for t in api.task_instances("pe_pipeline", run_id)}
+    tis = {_label(t): t["state"] for t in api.task_instances("pe_pipeline", run_id)}
     return run_id, state, tis
+
+
+def _label(ti: dict) -> str:
+    """`pretrain`, or `pretrain_ablation[0]` for an instance of a mapped task (a variant's)."""
+    index = ti.get("map_index", -1)
+    return ti["task_id"] if index is None or index < 0 else f"{ti['task_id']}[{index}]"
+
+
+#: the ladder's mapped tasks: skipped (no member) when the Param `ladder` is off
+LADDER_OFF = {"pretrain_ladder": "skipped", "evaluate_ladder": "skipped"}
 
 
 def _seconds(run: dict) -> float:
@@ -69,13 +79,15 @@ def test_a_new_run_with_stage_evaluate_reruns_only_evaluate(stack, pipeline_run,
     second = api.trigger("pe_pipeline", {"preset": "test", "data_source": str(tiny_corpus), "stage": "evaluate",
                                          "ablation": True, "engine_ablation": True})
     run = api.wait_run("pe_pipeline", second)
-    tis = {t["task_id"]: t for t in api.task_instances("pe_pipeline", second)}
+    tis = {_label(t): t for t in api.task_instances("pe_pipeline", second)}
     assert run["state"] == "success", {k: t["state"] for k, t in tis.items()}
     durations = {k: round(t["duration"] or 0, 1) for k, t in tis.items()}
     print(f"stage-evaluate run: {_seconds(run):.0f}s, task durations {durations}")
-    summaries = {t: api.xcom("pe_pipeline", second, t) for t in tis if t not in ("start_run", "end_run")}
+    summaries = {k: api.xcom("pe_pipeline", second, t["task_id"], map_index=t.get("map_index", -1))
+                 for k, t in tis.items() if t["state"] == "success"
+                 and not k.endswith("_members") and k not in ("start_run", "end_run")}
     ran = {t: (s["ran"], s["reused"]) for t, s in summaries.items()}
-    evaluates = {"evaluate", "evaluate_ablation", "evaluate_metadata"}
+    evaluates = {"evaluate", "evaluate_ablation[0]", "evaluate_metadata[0]"}
     assert ran == {t: (True, None) if t in evaluates else (False, "data source" if t == "synth" else "store")
                    for t in summaries}, ran
     first = api.xcom("pe_pipeline", run_id, "evaluate")
@@ -105,7 +117,9 @@ def test_a_bad_field_fails_at_once_without_retries(stack, pipeline_run, tiny_cor
 def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
     run_id, state, tis = pipeline_run
     assert state == "success", f"{state}: {tis}\n" + _logs(stack, run_id)
-    assert set(tis.values()) == {"success"}, tis
+    assert {k: v for k, v in tis.items() if k not in LADDER_OFF} == {k: "success" for k in tis if k not in LADDER_OFF}
+    assert {k: tis[k] for k in LADDER_OFF} == LADDER_OFF
+    assert "pretrain_ablation[0]" in tis and "evaluate_metadata[0]" in tis  # variants: mapped stage tasks
 
     import mlflow
 
@@ -173,7 +187,7 @@ def test_browser_trigger_form_and_grid(stack, pipeline_run):
         text = form.inner_text()
         page.screenshot(path=str(ARTIFACTS / "airflow-trigger-form.png"))
         for title in ("Preset", "Data source", "Scheduler", "Nodes", "Stage", "Recipe", "Seed", "Experiment",
-                      "Max failure rate", "Ablation", "Engine ablation", "Steps", "Overrides"):
+                      "Max failure rate", "Ablation", "Engine ablation", "Ladder", "Steps", "Overrides"):
             assert title in text, f"Params form lacks {title!r}"
         page.keyboard.press("Escape")
 
@@ -183,7 +197,8 @@ def test_browser_trigger_form_and_grid(stack, pipeline_run):
         page.wait_for_timeout(1500)
         page.screenshot(path=str(ARTIFACTS / "airflow-run-grid.png"), full_page=True)
         for task_id in ("start_run", "synth", "validate", "pretrain", "evaluate", "pretrain_ablation", "end_run"):
-            row = page.locator("tr", has=page.locator(f"a[href$='/tasks/{task_id}']")).first
+            link = f"a[href$='/tasks/{task_id}'], a[href*='/tasks/{task_id}/mapped']"  # a mapped task's instance too
+            row = page.locator("tr", has=page.locator(link)).first
             assert "Success" in row.inner_text(), f"{task_id}: {row.inner_text()!r}"
         browser.close()
 

@@ -187,3 +187,26 @@ def test_missing_store_is_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "none.db").exists()
     result = _invoke()
     assert result.exit_code == 2 and "no tracking URI" in result.stderr
+
+
+def test_ladder_steps_are_rows_and_one_table_beside_the_papers(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline run with two ladder steps: a row per step (its metrics found from the parent's
+    `ladder/<step>/...` names and from the stage runs' folders), and the ladder table after the main one."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # the table also writes compare.png here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    steps = {("pretrain", None): {"train/final_loss": 2.0}, ("evaluate", None): EVAL,
+             ("evaluate", "ladder/baseline"): {**EVAL, "zeroshot/test/top1": 0.31, "probe/cls/best_layer": 3.0,
+                                               "probe/cls/best": 0.4, "probe/cls/last": 0.3},
+             ("evaluate", "ladder/rope"): {**EVAL, "zeroshot/test/top1": 0.27}}
+    _pipeline(tmp_path, "lad", Pipeline("pe", steps, failed=None), monkeypatch)  # running: from the stage runs
+    data = _json(_invoke("--tracking-uri", uri, "--json"))
+    assert [r["name"] for r in data["rows"]] == ["pipeline-lad", "pipeline-lad (ladder/baseline)",
+                                                "pipeline-lad (ladder/rope)"]
+    assert data["rows"][1]["metrics"][TOP1] == pytest.approx(0.31)
+    out = _invoke("--tracking-uri", uri).stdout
+    assert "ablation ladder of run" in out and "1 baseline (vanilla CLIP)" in out and "6 + 2D RoPE" in out
+    line = next(ln for ln in out.splitlines() if "1 baseline" in ln)
+    assert "0.310" in line and "3 (0.400) / 0.300" in line and "75.3" in line  # ours, then the paper's

@@ -165,3 +165,30 @@ def test_safetensors_foreign_shapes(tmp_path):
     msg = _one_line_error(folder, names=MODEL_FILE, match="shapes do not fit preset test")
     assert "pos_embed" in msg
     _one_line_error(folder, preset="nano", names=MODEL_FILE, match="does not fit preset nano")
+
+
+def test_architecture_switches_travel_in_the_model_card(tmp_path):
+    """RoPE off and CLS pooling (the ablation ladder's early steps) and the last training size are
+    recorded in model.json, so every loader rebuilds the same tower and evaluates at that size."""
+    from peflow.models.presets import get_model_preset
+
+    torch.manual_seed(0)
+    model = build_model(get_model_preset("test").with_arch(rope=False, pool="cls")).eval()
+    trunk = model.visual.trunk
+    assert trunk.rope is None and trunk.attn_pool is None and trunk.global_pool == "token"
+    model.visual.image_size = (24, 24)
+    save_model(model, tmp_path / "m")
+    card = json.loads((tmp_path / "m" / MODEL_CARD).read_text())
+    assert card["arch"] == {"rope": False, "pool": "cls"} and card["image_size"] == 24
+    loaded = load_model(tmp_path / "m")
+    assert loaded.visual.trunk.rope is None and loaded.visual.image_size == (24, 24)
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+    # the default tower records nothing extra, and a bad switch is a one-line error naming the card
+    save_model(build_model("test"), tmp_path / "d")
+    assert "arch" not in json.loads((tmp_path / "d" / MODEL_CARD).read_text())
+    card["arch"] = {"rope": False, "pool": "mean"}
+    (tmp_path / "m" / MODEL_CARD).write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"model\.json: bad arch \(pool must be one of"):
+        load_model(tmp_path / "m")

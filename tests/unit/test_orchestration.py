@@ -1,12 +1,12 @@
 """Pipeline-run plumbing without training: variant tasks (the recipe and the engine
-ablation), their options and folders, metric names in the pipeline run, and the HTML report."""
+ablation, the ablation ladder's members), their options and folders, metric names in the pipeline run, and the HTML report."""
 
 import html
 import re
 
 import pytest
 
-from peflow import orchestration, presets, stages
+from peflow import ladder, orchestration, presets, stages
 from peflow.config import ConfigError
 from peflow.run_report import build_report, metric_rows
 
@@ -22,7 +22,7 @@ def test_variants_rerun_their_roots_and_what_reads_them():
     assert ids == ["synth", "validate", "pretrain", "train-captioner", "caption", "validate-captions",
                    "finetune-video", "align-lang", "align-spatial", "evaluate", "pretrain_ablation",
                    "evaluate_ablation",
-                   "finetune-video_metadata", "evaluate_metadata"]
+                   "finetune-video_metadata", "evaluate_metadata", "pretrain_ladder", "evaluate_ladder"]
 
 
 def test_engine_ablation_finetunes_on_web_text_and_evaluates_its_own_model(tmp_path):
@@ -65,6 +65,46 @@ def test_ablation_task_needs_the_flag_and_recipe_is_checked(tmp_path):
         orchestration.run_stage("pretrain", _cfg(tmp_path), variant=orchestration.ABLATION)
     with pytest.raises(ConfigError, match="recipe"):
         _cfg(tmp_path, recipe="clip")
+
+
+def test_ladder_is_one_variant_of_nine_members_each_one_step_up(tmp_path):
+    cfg = _cfg(tmp_path, ladder=True)
+    cfgs = orchestration.resolve(cfg)
+    steps = [s.name for s in ladder.STEPS]
+    assert [t.label for t in orchestration.instances(cfg) if t.variant] == [
+        f"{stage}_ladder[{s}]" for s in steps for stage in ("pretrain", "evaluate")]
+    pre = {s: cfgs[f"pretrain_ladder[{s}]"] for s in steps}
+    main = cfgs["pretrain"]
+    assert pre["baseline"].recipe == "vanilla" and pre["baseline"].resolutions == "40:1"
+    assert pre["baseline"].global_batch == main.global_batch // 2 and not pre["baseline"].rope
+    assert pre["baseline"].pool == "cls"
+    assert pre["progressive"].resolutions == "32:0.5,40:0.5" and pre["progressive"].recipe == "vanilla+progressive"
+    assert pre["batch"].global_batch == main.global_batch
+    assert pre["lamb"].recipe == "vanilla+progressive+lamb"
+    assert pre["highres"].resolutions == main.resolutions
+    assert pre["rope"].rope and pre["rope"].pool == "cls" and pre["attnpool"].pool == "attn"
+    assert pre["augment"].recipe == "vanilla+progressive+lamb+augment"
+    # the top step is the run's own PE recipe: the same config, so the same output key (reused, not retrained)
+    assert {k: v for k, v in vars(pre["maskreg"]).items() if k != "out"} == \
+        {k: v for k, v in vars(main).items() if k != "out"}
+    assert pre["lamb"].out == str(tmp_path / "run" / "ladder" / "lamb" / "pretrain")
+    ev = cfgs["evaluate_ladder[lamb]"]
+    assert ev.checkpoint == pre["lamb"].out and ev.probe_tasks == "cls" and not ev.video and ev.lang == ""
+    assert {t.id for t in orchestration.Task("evaluate", "ladder", "rope").upstream} == {"pretrain_ladder", "validate"}
+
+
+def test_ladder_member_must_be_named_and_known(tmp_path):
+    with pytest.raises(ConfigError, match="name a member"):
+        orchestration.run_stage("pretrain", _cfg(tmp_path, ladder=True), variant="ladder")
+    with pytest.raises(ValueError, match="no member 'sgd'"):
+        orchestration.run_stage("pretrain", _cfg(tmp_path, ladder=True), variant="ladder", member="sgd")
+    assert _cfg(tmp_path).members("ladder") == [] and _cfg(tmp_path, ablation=True).members("ablation") == ["ablation"]
+
+
+def test_ladder_resolutions_scale_onto_the_patch_grid():
+    assert ladder.scaled("48:0.5,64:0.5", 2 / 3, 8) == "32:0.5,40:0.5"
+    assert ladder.scaled("98:0.42,154:0.33,224:0.17,336:0.08", 2 / 3, 14) == "70:0.42,98:0.33,154:0.17,224:0.08"
+    assert ladder.scaled("16:0.5,24:0.5", 0.5, 8) == "16:1"  # at least 2 patches; equal sizes merge
 
 
 def test_presets_derive_from_nano_and_every_config_checks():
@@ -152,6 +192,30 @@ def test_report_puts_recipes_side_by_side(tmp_path):
     assert html.escape(str(outs["ablation/evaluate"] / "layers.png")) in page
     values = {None: {"evaluate/probe/seg/best": 1.0, "pretrain/train/final_loss": 2.0, "other/x": 1.0}}
     assert metric_rows(values) == ["evaluate/probe/seg/best", "pretrain/train/final_loss"]
+
+
+def test_report_shows_the_ladder_as_one_table_beside_the_papers(tmp_path):
+    cfg = _cfg(tmp_path, ladder=True)
+    summaries = [{"stage": "evaluate", "task": "evaluate", "variant": None, "recipe": "pe",
+                  "out": str(tmp_path / "e"), "ran": True, "seconds": 1.0, "metrics": {"zeroshot/test/top1": 0.2}}]
+    for i, step in enumerate(("baseline", "lamb")):
+        version = f"ladder/{step}"
+        summaries += [
+            {"stage": "pretrain", "task": "pretrain_ladder", "variant": version, "member": step, "recipe": "x",
+             "out": str(tmp_path / step / "p"), "ran": True, "seconds": 9.0,
+             "metrics": {"train/seconds": 100.0, "train/model_flops_per_s": 2e12}},
+            {"stage": "evaluate", "task": "evaluate_ladder", "variant": version, "member": step, "recipe": None,
+             "out": str(tmp_path / step / "e"), "ran": True, "seconds": 1.0,
+             "metrics": {"zeroshot/test/top1": 0.3 + i / 10, "zeroshot/robustness_avg": 0.15,
+                         "probe/cls/best_layer": 4, "probe/cls/best": 0.5, "probe/cls/last": 0.4}}]
+    page = build_report(cfg, "abc", summaries)
+    assert "<h2>The ablation ladder (paper Tab. 26)</h2>" in page
+    rows = re.findall(r"<tr>(<td>\d [^<]*</td>.*?)</tr>", page)
+    cells = [re.findall(r"<td>([^<]*)</td>", r) for r in rows]
+    assert [c[0] for c in cells] == ["1 baseline (vanilla CLIP)", "4 + LAMB"]
+    assert cells[1][1:3] == ["0.400", "0.150"] and cells[0][5] == "4 (0.500) / 0.400" and cells[0][6] == "0.20"
+    assert cells[0][-4:] == ["78.9", "75.3", "14", "1.0"] and cells[1][-3] == "76.9"  # the paper's column
+    assert "ladder/lamb" not in re.search(r"<h2>Key metrics</h2>(.*?)</table>", page, re.S).group(1)
 
 
 def test_report_tables_of_the_alignment_stages():

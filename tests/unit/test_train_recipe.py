@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -142,3 +143,18 @@ def test_plain_lr_sets_the_lr_of_the_groups_lamb_does_not_adapt() -> None:
     assert opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"] == pytest.approx(10.0)
     with pytest.raises(ValueError, match="plain_lr"):
         dataclasses.replace(recipe.vanilla(), plain_lr=1e-3).validate()
+
+
+def test_recipe_names_add_pe_pieces_to_vanilla() -> None:
+    """`vanilla+piece+...` is vanilla with those fields of the PE recipe; every piece gives `pe`."""
+    from peflow.train.recipe import PIECES, get_recipe, pe, vanilla
+
+    lamb = get_recipe("vanilla+lamb")
+    assert (lamb.optimizer, lamb.betas, lamb.weight_decay) == ("lamb", (0.9, 0.95), 0.05)
+    assert not lamb.augment and not lamb.progressive_resolution and lamb.mask_reg_fraction == 0
+    assert dataclasses.replace(get_recipe("vanilla+" + "+".join(PIECES)), name="pe") == pe()
+    assert dataclasses.replace(get_recipe("vanilla"), name="vanilla") == vanilla()
+    with pytest.raises(ValueError, match="unknown piece"):
+        get_recipe("vanilla+sgd")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("clip+lamb")

@@ -66,7 +66,7 @@ class PEVisionTower(Eva):
 
 
 def build_vision_tower(p: ModelPreset, num_classes: int) -> PEVisionTower:
-    """The timm PE vision tower of preset `p` (attention-pooled, projecting to `num_classes`).
+    """The timm PE vision tower of preset `p` (attention- or CLS-pooled, projecting to `num_classes`).
 
     Built through timm's model function for `p.timm_base` rather than
     `timm.create_model`, which drops None-valued kwargs (and so would keep
@@ -76,7 +76,7 @@ def build_vision_tower(p: ModelPreset, num_classes: int) -> PEVisionTower:
     from timm.models import model_entrypoint
 
     trunk = model_entrypoint(p.timm_base)(
-        pretrained=False, num_classes=num_classes, global_pool="map", **p.vision_overrides()
+        pretrained=False, num_classes=num_classes, global_pool=p.global_pool, **p.vision_overrides()
     )
     if type(trunk) is not Eva:
         raise TypeError(f"{p.timm_base}: expected a timm Eva model, got {type(trunk).__name__}")
@@ -104,6 +104,7 @@ def build_model(preset: str | ModelPreset) -> torch.nn.Module:
     model.visual.trunk = build_vision_tower(p, p.embed_dim)
     model.visual.image_size = (p.image_size, p.image_size)
     model.peflow_preset = p.name  # type: ignore[assignment]
+    model.peflow_arch = p.arch()  # type: ignore[assignment]  (switches off the preset's: in the model card)
     return model
 
 
@@ -367,6 +368,13 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, *, extra: Mapping[st
     save_file(tensors, str(tmp))
     os.replace(tmp, out / MODEL_FILE)
     card = {"preset": getattr(model, "peflow_preset", None), "format": "peflow-open_clip", **dict(extra or {})}
+    if getattr(model, "peflow_arch", None):
+        card["arch"] = model.peflow_arch
+    # the input size a PE-core model was trained at last, when not its preset's
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    native = MODEL_PRESETS.get(card["preset"]) if isinstance(card["preset"], str) else None
+    if native is not None and isinstance(size, tuple) and size[0] != native.image_size:
+        card["image_size"] = int(size[0])
     tmp = out / f".{MODEL_CARD}.tmp"
     tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / MODEL_CARD)
@@ -446,11 +454,17 @@ def load_model(path: str | Path, *, preset: str | None = None) -> torch.nn.Modul
     if not isinstance(name, str) or name not in MODEL_PRESETS:
         raise ValueError(f"{card_path if preset is None else folder}: unknown model preset {name!r}; "
                          f"known: {sorted(MODEL_PRESETS)}")
+    try:
+        p = get_model_preset(name).with_arch(**card.get("arch", {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{card_path}: bad arch ({e})") from None
     sd = _read_safetensors(weights)
-    model = build_model(name)
+    model = build_model(p)
     _check_fits(model, sd, weights, name)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{weights}: does not load into preset {name} ({_brief(e)})") from None
+    if isinstance(card.get("image_size"), int):
+        model.visual.image_size = (card["image_size"], card["image_size"])
     return model.eval()

@@ -36,6 +36,15 @@ class ModelPreset:
     context_length: int = 32
     vocab_size: int = 49408
     class_token: bool = True
+    #: 2D RoPE in every attention block of the vision tower (the paper's Tab. 26 step 6; off: absolute
+    #: position embedding only)
+    rope: bool = True
+    #: image embedding: `attn` (attention pooling, the CLS token kept as an input; Tab. 26 step 7) or `cls`
+    #: (the CLS token's output)
+    pool: str = "attn"
+
+    #: the architecture switches a model card records when they differ from the preset (`arch`)
+    ARCH = ("rope", "pool")
 
     @property
     def grid(self) -> int:
@@ -62,7 +71,34 @@ class ModelPreset:
         )
         if not self.class_token:
             kw.update(class_token=False, rope_grid_offset=0.0)
+        if not self.rope:
+            kw.update(use_rot_pos_emb=False)
         return kw
+
+    @property
+    def global_pool(self) -> str:
+        """timm's `global_pool` of the tower: `map` (attention pooling) or `token` (CLS)."""
+        return "map" if self.pool == "attn" else "token"
+
+    def arch(self) -> dict[str, Any]:
+        """The architecture switches that differ from the named preset's (what a model card records)."""
+        base = MODEL_PRESETS.get(self.name)
+        return {k: getattr(self, k) for k in self.ARCH if base is None or getattr(base, k) != getattr(self, k)}
+
+    def with_arch(self, **arch: Any) -> ModelPreset:
+        """This preset with architecture switches changed (`rope`, `pool`); unknown names or values raise."""
+        bad = set(arch) - set(self.ARCH)
+        if bad:
+            raise ValueError(f"unknown architecture switch(es) {sorted(bad)}; known: {list(self.ARCH)}")
+        if arch.get("pool", self.pool) not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {arch['pool']!r}")
+        if arch.get("pool") == "cls" and not self.class_token:
+            raise ValueError(f"pool cls needs a class token; model {self.name} has none")
+        return dataclasses.replace(self, **arch)
+
+
+#: image pooling choices (`ModelPreset.pool`)
+POOLS = ("attn", "cls")
 
 
 def _cpu(name: str, **kw: Any) -> ModelPreset:

@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from peflow import ladder  # stdlib only
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage:
@@ -41,7 +43,7 @@ class Stage:
         champion_metric: the metric (higher is better) that moves `champion`.
         key_metrics: metric names (globs) shown by `peflow compare` and the run report.
         ablation: takes a pretraining recipe: the `ablation` variant runs it again with the other
-            recipe, and every stage that reads its output.
+            recipe, and every stage that reads its output (evaluate).
         dataset: its output is a dataset (corpus, validated data, captions): pushed to DVC.
         optional: input fields the stage runs without (left empty when a variant does not remake
             that input).
@@ -143,35 +145,40 @@ def stage_key(stage: str, name: str) -> str:
 
 
 def metric_key(summary: Mapping[str, Any], name: str) -> str:
-    """A stage metric's name in the pipeline run: `evaluate/zeroshot/test/top1`,
-    `ablation/evaluate/zeroshot/test/top1` for the task of a variant (here `ablation`)."""
+    """A stage metric's name in the pipeline run: `evaluate/zeroshot/test/top1`, prefixed by the variant
+    version of the task's output: `ablation/evaluate/...`, `ladder/lamb/evaluate/...`."""
     key = stage_key(summary["stage"], name)
     return f"{summary['variant']}/{key}" if summary.get("variant") else key
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Variant:
-    """A second version of part of a pipeline run, next to the main one: the `roots` stages run again
-    with `change` applied to their configs, and so does every stage that reads them (directly or not),
-    each under OUT/<name>/<stage>/ and as the task `<stage>_<name>`. A run has it when its run-config
-    boolean `param` is set; the report and `peflow compare` put it in a column of its own.
+    """More versions of part of a pipeline run, next to the main one: for each member, the `roots` stages
+    run again with `change` applied to their configs, and so does every stage that reads them (directly or
+    not), each under OUT/<version>/<stage>/. One member named like the variant (the default) is the version
+    `<name>`; several members are versions `<name>/<member>` (the ablation ladder's steps). In Airflow each
+    of these stages is one task, `<stage>_<name>`, mapped over the members (dynamic task mapping). A run has
+    the variant when its run-config boolean `param` is set; the report and `peflow compare` give each version
+    a column (or a row) of its own.
 
     Attributes:
         name: folder, task-id suffix and metric prefix (`<name>/evaluate/...`).
         param: the `RunConfig` boolean (Airflow Param, `peflow run` option) that turns it on.
         summary: one line for the DAG tasks' docs and the Params form.
         roots: the stages whose configs change.
-        change: (stage name, the stage's config in the main run) -> field changes, for each root.
+        change: (stage name, the stage's config in the main run, member) -> field changes, for each root.
         only: when set, the variant runs these of the downstream stages only; an input the variant does
             not remake although it derives from a root is left empty (it must be `optional`).
+        members: the versions, in order (empty: one, named like the variant).
     """
 
     name: str
     param: str
     summary: str
     roots: tuple[str, ...]
-    change: Callable[[str, Any], Mapping[str, Any]]
+    change: Callable[[str, Any, str], Mapping[str, Any]]
     only: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()
 
     def stages(self) -> list[str]:
         """The stages this variant runs again: its roots and the stages reading one (all, or `only`), in run order."""
@@ -180,6 +187,16 @@ class Variant:
     def stale(self) -> set[str]:
         """Stages whose main output derives from a root but that this variant does not remake."""
         return set(downstream(set(self.roots))) - set(self.stages())
+
+    def versions(self) -> tuple[str, ...]:
+        """The members' names (the variant's own name when it has one version)."""
+        return self.members or (self.name,)
+
+    def version(self, member: str) -> str:
+        """Folder under OUT and metric prefix of a member's outputs: `ablation`, `ladder/lamb`."""
+        if member not in self.versions():
+            raise ValueError(f"variant {self.name!r} has no member {member!r}; known: {list(self.versions())}")
+        return self.name if not self.members else f"{self.name}/{member}"
 
 
 _VARIANTS: dict[str, Variant] = {}
@@ -326,10 +343,19 @@ register(Stage(
 ))
 
 
-def _other_recipe(stage: str, cfg: Any) -> dict[str, Any]:
+def _other_recipe(stage: str, cfg: Any, member: str) -> dict[str, Any]:
     from peflow.train.recipe import other_recipe
 
     return {"recipe": other_recipe(cfg.recipe)} if hasattr(cfg, "recipe") else {}
+
+
+def _ladder_step(stage: str, cfg: Any, member: str) -> Mapping[str, Any]:
+    from peflow.models.presets import get_model_preset
+
+    if stage == "evaluate":
+        return ladder.EVALUATE_CHANGES
+    p = get_model_preset(cfg.model)
+    return ladder.pretrain_changes(member, cfg, p.patch_size, p.image_size)
 
 
 #: The recipe ablation: pretraining with the other recipe (vanilla <-> pe) at the same budget, evaluated on
@@ -342,7 +368,16 @@ register_variant(Variant(
 register_variant(Variant(
     name="metadata", param="engine_ablation",
     summary="video finetuning on the videos' title and description instead of the engine's captions",
-    roots=("finetune-video",), change=lambda stage, cfg: {"captions": "metadata"}))
+    roots=("finetune-video",), change=lambda stage, cfg, member: {"captions": "metadata"}))
+#: The paper's ablation ladder (Tab. 26): nine pretrainings, vanilla CLIP to the PE recipe one piece at a time
+#: (peflow.ladder), each evaluated on images.
+LADDER = "ladder"
+register_variant(Variant(
+    name=LADDER, param="ladder",
+    summary="the paper's ablation ladder (Tab. 26): vanilla CLIP to the PE recipe one step at a time, each "
+            "pretrained at the run's budget and evaluated",
+    roots=("pretrain", "evaluate"), change=_ladder_step, only=("pretrain", "evaluate"),
+    members=ladder.NAMES))
 
 
 def load_plugins(spec: str | None = None) -> None:

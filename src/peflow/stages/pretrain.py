@@ -35,12 +35,6 @@ def _model_presets() -> list[str]:
     return sorted(MODEL_PRESETS)
 
 
-def _recipes() -> list[str]:
-    from peflow.train.recipe import RECIPES
-
-    return sorted(RECIPES)
-
-
 @dataclass(kw_only=True)
 class Config:
     """Options of `peflow pretrain`."""
@@ -49,7 +43,11 @@ class Config:
     out: str = opt("", "Output folder for the final model; checkpoints go to OUT.ckpt beside it.")
     model: str = opt("nano", "Model preset: nano, micro, small-cpu or an official size (T/S/B/L/G).",
                      choices=_model_presets)
-    recipe: str = opt("pe", "Training recipe: `pe` (robust PE-core) or `vanilla` (CLIP baseline).", choices=_recipes)
+    recipe: str = opt("pe", "Training recipe: `pe` (robust PE-core), `vanilla` (CLIP baseline), or either plus "
+                            "pieces of PE's: `vanilla+progressive+lamb+augment+mask_reg` is `pe`.")
+    rope: bool = opt(True, "2D RoPE in the vision tower's attention (off: absolute position embedding only).")
+    pool: str = opt("attn", "Image embedding: `attn` (attention pooling) or `cls` (the class token's output).",
+                    choices=("attn", "cls"))
     steps: int = opt(2000, "Optimizer steps.", min=1)
     global_batch: int = opt(64, "Image-text pairs per step over all processes.", min=1)
     micro_batch: int = opt(0, "Rows per forward on each process; smaller than the local batch accumulates "
@@ -104,7 +102,7 @@ def plan_from_config(cfg: Config) -> Any:
     from peflow.train.loop import TrainPlan
     from peflow.train.recipe import get_recipe, parse_resolutions
 
-    p = get_model_preset(cfg.model)
+    p = get_model_preset(cfg.model).with_arch(rope=cfg.rope, pool=cfg.pool)
     recipe = get_recipe(cfg.recipe)
     changes: dict[str, Any] = {k: getattr(cfg, k) for k in ("mask_reg_fraction", "mask_reg_weight")
                                if getattr(cfg, k) is not None}
@@ -123,7 +121,7 @@ def plan_from_config(cfg: Config) -> Any:
     from peflow.train.checkpoint import ckpt_dir
 
     return TrainPlan(data=Path(cfg.data), train_shards=cfg.train_shards, ckpt_dir=ckpt_dir(cfg.out or "out"),
-                     preset=cfg.model, recipe=recipe,
+                     preset=cfg.model, arch=p.arch(), recipe=recipe,
                      steps=cfg.steps, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, lr=lr,
                      warmup_steps=warmup, seed=cfg.seed, resolutions=resolutions,
                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
@@ -175,6 +173,8 @@ def _finish(cfg: Config, plan: Any, model: Any, history: list[dict[str, Any]], o
     if splits:
         metrics.update(zeroshot_check(model, get_tokenizer(plan.preset), plan.data, splits,
                                       resolution=plan.resolutions[-1][0]))
+    final = plan.resolutions[-1][0]
+    model.visual.image_size = (final, final)  # evaluated, by default, at the size it was trained at last
     save_model(model, out, extra={"stage": "pretrain", "recipe": cfg.recipe, "steps": plan.steps})
     shutil.copyfile(plan.ckpt_dir / HISTORY, out / HISTORY)
     loss_plot(history, out / "loss.png")

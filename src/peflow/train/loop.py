@@ -34,6 +34,8 @@ class TrainPlan(TrainSettings):
     data: Path
     preset: str
     recipe: Recipe
+    #: architecture switches off the preset's (`ModelPreset.with_arch`: rope, pool)
+    arch: dict[str, Any] = dataclasses.field(default_factory=dict)
     resolutions: list[tuple[int, float]]
     train_shards: str = ""  #: shards (local or s3://) to train on instead of data's train split
     init_from: str = ""
@@ -42,7 +44,7 @@ class TrainPlan(TrainSettings):
 
 def objective(plan: TrainPlan, name: str = "pretrain") -> ClipObjective:
     """The CLIP + mask-regularization objective of `plan`."""
-    return ClipObjective(data=plan.train_shards or plan.data, preset=plan.preset, recipe=plan.recipe,
+    return ClipObjective(data=plan.train_shards or plan.data, preset=plan.preset, arch=plan.arch, recipe=plan.recipe,
                          resolutions=plan.resolutions, init_from=plan.init_from, compile=plan.compile, name=name)
 
 

@@ -1,7 +1,8 @@
-"""The pretraining recipe (paper section 2.1): presets `vanilla` and `pe`.
+"""The pretraining recipe (paper section 2.1): presets `vanilla` and `pe`, and any mix.
 
 Every piece of the robust PE recipe is a field here, so vanilla CLIP and the
-full PE recipe are each one name away, and an ablation is one field changed:
+full PE recipe are each one name away, an ablation is one field changed, and
+`vanilla+lamb+augment` names vanilla CLIP with two of PE's pieces (`PIECES`):
 
 - optimizer: LAMB, betas (0.9, 0.95), weight decay 0.05 (vanilla: AdamW);
 - schedule: linear warm-up, then cosine to zero;
@@ -85,16 +86,35 @@ def vanilla() -> Recipe:
 
 RECIPES = {"pe": pe, "vanilla": vanilla}
 
+#: The pieces of the PE recipe (paper section 2.1) a recipe name can add to another: each is the `pe`
+#: recipe's values of these fields. `vanilla+lamb+augment` is vanilla CLIP with LAMB and the augmentation;
+#: `vanilla` plus every piece is `pe`.
+PIECES: dict[str, tuple[str, ...]] = {
+    "progressive": ("progressive_resolution",),
+    "lamb": ("optimizer", "betas", "weight_decay", "lr"),
+    "augment": ("augment",),
+    "mask_reg": ("mask_reg_fraction",),
+}
+
 
 def other_recipe(recipe: str) -> str:
-    """The recipe an ablation compares against: vanilla for pe, pe for vanilla."""
+    """The recipe an ablation compares against: vanilla for pe, pe for any other."""
     return "vanilla" if recipe == "pe" else "pe"
 
 
 def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    return RECIPES[name]()
+    """A recipe by name: `pe`, `vanilla`, or one of them plus pieces of the PE recipe (`vanilla+lamb+augment`)."""
+    base, *pieces = [p.strip() for p in name.split("+")]
+    if base not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}, each optionally followed by "
+                         f"+piece ({', '.join(PIECES)})")
+    recipe = RECIPES[base]()
+    bad = [p for p in pieces if p not in PIECES]
+    if bad:
+        raise ValueError(f"recipe {name!r}: unknown piece(s) {bad}; known: {list(PIECES)}")
+    full = pe()
+    changes = {f: getattr(full, f) for p in pieces for f in PIECES[p]}
+    return dataclasses.replace(recipe, name=name, **changes)
 
 
 def parse_resolutions(spec: str) -> list[tuple[int, float]]:

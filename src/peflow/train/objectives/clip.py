@@ -45,19 +45,24 @@ class ClipObjective(Objective):
     loss_columns = ("loss", "clip_loss", "mask_reg_loss")
 
     def __init__(self, *, data: str | Path, preset: str, recipe: Recipe, resolutions: list[tuple[int, float]],
-                 init_from: str = "", compile: bool = False, name: str = "pretrain") -> None:
+                 init_from: str = "", compile: bool = False, name: str = "pretrain",
+                 arch: Mapping[str, Any] | None = None) -> None:
         recipe.validate()
         # an s3:// URI stays a string (Path would fold its '//')
         self.data = data if str(data).startswith("s3://") else Path(data)
         self.preset, self.recipe, self.resolutions = preset, recipe, resolutions
         self.init_from, self.compile, self.name = init_from, compile, name
+        self.arch = dict(arch or {})
         self._flops: dict[int, float] = {}
 
     def build_model(self, dist: Dist) -> torch.nn.Module:
-        """A fresh model of the preset, or `init_from` (an official .pt or a peflow model folder)."""
-        from peflow.models.pe import build_model, load_model
+        """A fresh model of the preset (with `arch`'s switches), or `init_from` (an official .pt or a peflow
+        model folder: its own architecture)."""
+        from peflow.models.pe import build_model, get_model_preset, load_model
 
-        return load_model(self.init_from, preset=self.preset) if self.init_from else build_model(self.preset)
+        if self.init_from:
+            return load_model(self.init_from, preset=self.preset)
+        return build_model(get_model_preset(self.preset).with_arch(**self.arch))
 
     def setup(self, model: torch.nn.Module, settings: TrainSettings, dist: Dist) -> None:
         """The rank's loader, the gathered contrastive loss, the resolution schedule, the (compiled) forward."""
