@@ -33,7 +33,7 @@ from peflow.train.recipe import other_recipe
 
 BUILTIN = "builtin"
 ABLATION = stages.ABLATION
-RECIPES = tuple(recipe_presets)  # ("pe", "vanilla"): the pretraining recipes an ablation compares
+RECIPES = tuple(recipe_presets)  # ("pe", "vanilla", "pe-adamw"): the named pretraining recipes
 SCHEDULERS = ("local_cwd", "kubernetes")
 #: Run-config fields that set the field of that name in every stage config that has one.
 SHORTCUTS = ("recipe", "seed", "steps", "max_failure_rate")

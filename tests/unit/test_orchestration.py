@@ -142,7 +142,7 @@ def test_params_form_offers_presets_and_optional_overrides():
     spec = orchestration.params_spec()
     assert spec["preset"]["enum"] == presets.names() and spec["preset"]["default"] == "nano"
     assert spec["steps"]["type"] == ["null", "integer"] and spec["steps"]["default"] is None
-    assert spec["recipe"]["enum"] == [None, "pe", "vanilla"]
+    assert spec["recipe"]["enum"] == [None, "pe", "vanilla", "pe-adamw"]
 
 
 def test_unselected_stage_without_an_earlier_output_is_a_config_error(tmp_path):
@@ -213,7 +213,7 @@ def test_report_shows_the_ladder_as_one_table_beside_the_papers(tmp_path):
     rows = re.findall(r"<tr>(<td>\d [^<]*</td>.*?)</tr>", page)
     cells = [re.findall(r"<td>([^<]*)</td>", r) for r in rows]
     assert [c[0] for c in cells] == ["1 baseline (vanilla CLIP)", "4 + LAMB"]
-    assert cells[1][1:3] == ["0.400", "0.150"] and cells[0][5] == "4 (0.500) / 0.400" and cells[0][6] == "0.20"
+    assert cells[1][1:3] == ["0.400", "0.150"] and cells[0][5] == "4 (0.500) / 0.400" and cells[0][6] == "200.0"
     assert cells[0][-4:] == ["78.9", "75.3", "14", "1.0"] and cells[1][-3] == "76.9"  # the paper's column
     assert "ladder/lamb" not in re.search(r"<h2>Key metrics</h2>(.*?)</table>", page, re.S).group(1)
 

@@ -158,3 +158,14 @@ def test_recipe_names_add_pe_pieces_to_vanilla() -> None:
         get_recipe("vanilla+sgd")
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("clip+lamb")
+
+
+def test_pe_adamw_is_pe_with_vanillas_optimizer() -> None:
+    """The short-run recipe: every PE piece but LAMB; an ablation of it compares against vanilla CLIP."""
+    from peflow.train.recipe import get_recipe, other_recipe
+
+    short = get_recipe("pe-adamw")
+    assert dataclasses.replace(short, name="x") == dataclasses.replace(
+        get_recipe("vanilla+progressive+augment+mask_reg"), name="x")
+    assert short.optimizer == "adamw" and short.augment and short.progressive_resolution
+    assert [other_recipe(r) for r in ("pe", "pe-adamw", "vanilla")] == ["vanilla", "vanilla", "pe"]
