@@ -1,4 +1,4 @@
-"""What a longer run buys: both recipes at several budgets, robustness against training time.
+"""What a longer run buys: the recipes at several budgets, robustness against training time.
 
     python bench/cost_curve.py --data CORPUS --root /tmp/cost                 # 1500, 3000, 9000 steps
     python bench/cost_curve.py --data CORPUS --root /tmp/cost --steps 1500,3000
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--preset", default="nano")
     ap.add_argument("--nodes", default="2x1")
     ap.add_argument("--steps", default="1500,3000,9000", help="comma-separated step budgets")
-    ap.add_argument("--recipes", default="vanilla,pe")
+    ap.add_argument("--recipes", default="vanilla,pe,pe-adamw")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--plot", default=str(PLOT))
     args = ap.parse_args(argv)
