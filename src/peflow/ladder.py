@@ -29,6 +29,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from peflow.train.recipe import parse_resolutions  # stdlib only
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One step of the ladder, with the paper's numbers for it at L/14: Tab. 26's ImageNet val and
@@ -64,14 +66,6 @@ def step(name: str) -> Step:
     raise ValueError(f"unknown ladder step {name!r}; known: {list(NAMES)}")
 
 
-def _parse(spec: str) -> list[tuple[int, float]]:
-    out = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        res, _, frac = part.partition(":")
-        out.append((int(res), float(frac) if frac else 1.0))
-    return out
-
-
 def _spec(stages: list[tuple[int, float]]) -> str:
     return ",".join(f"{r}:{f:g}" for r, f in stages)
 
@@ -80,7 +74,7 @@ def scaled(spec: str, factor: float, patch: int) -> str:
     """A resolution schedule with each size scaled and rounded to the patch grid (at least 2 patches);
     stages that land on the same size merge."""
     merged: dict[int, float] = {}
-    for res, frac in _parse(spec):
+    for res, frac in parse_resolutions(spec):
         size = max(2 * patch, round(res * factor / patch) * patch)
         merged[size] = merged.get(size, 0.0) + frac
     return _spec(sorted(merged.items()))
@@ -96,7 +90,7 @@ def pretrain_changes(name: str, main: Any, patch: int, native: int) -> dict[str,
     changes: dict[str, Any] = {
         "recipe": "pe" if len(pieces) == 4 else "+".join(["vanilla", *pieces]),
         "global_batch": main.global_batch if k >= 3 else max(1, main.global_batch // 2),
-        "resolutions": full if k >= 5 else (low if k >= 2 else f"{_parse(low)[-1][0]}:1"),
+        "resolutions": full if k >= 5 else (low if k >= 2 else f"{parse_resolutions(low)[-1][0]}:1"),
         "rope": k >= 6,
         "pool": "attn" if k >= 7 else "cls",
     }
