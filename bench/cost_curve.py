@@ -2,6 +2,7 @@
 
     python bench/cost_curve.py --data CORPUS --root /tmp/cost                 # 1500, 3000, 9000 steps
     python bench/cost_curve.py --data CORPUS --root /tmp/cost --steps 1500,3000
+    python bench/cost_curve.py --data CORPUS --root /tmp/cost --pairs vanilla@9000,pe@1500
 
 Each (recipe, steps) pair is a `bench/recipe_sweep.py` variant over the preset's pretrain config
 (trained through TorchX, evaluated through the stage runner; a pair already made is reused from
@@ -55,12 +56,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--nodes", default="2x1")
     ap.add_argument("--steps", default="1500,3000,9000", help="comma-separated step budgets")
     ap.add_argument("--recipes", default="vanilla,pe,pe-adamw")
+    ap.add_argument("--pairs", help="comma-separated RECIPE@STEPS, in place of every recipe at every budget")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--plot", default=str(PLOT))
     args = ap.parse_args(argv)
 
-    variants = [f"{recipe}-{steps}:recipe={recipe},steps={steps}" for steps in args.steps.split(",")
-                for recipe in args.recipes.split(",")]
+    pairs = ([tuple(p.strip().split("@", 1)) for p in args.pairs.split(",")] if args.pairs else
+             [(recipe, steps) for steps in args.steps.split(",") for recipe in args.recipes.split(",")])
+    if any(len(p) != 2 or not p[1].isdigit() for p in pairs):
+        raise SystemExit(f"--pairs {args.pairs!r}: each pair is RECIPE@STEPS")
+    variants = [f"{recipe}-{steps}:recipe={recipe},steps={steps}" for recipe, steps in pairs]
     report = recipe_sweep.main(["--data", args.data, "--root", args.root, "--preset", args.preset,
                                 "--nodes", args.nodes, "--out", args.out,
                                 *(x for v in variants for x in ("--variant", v))])
