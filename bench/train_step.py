@@ -12,8 +12,8 @@ contender alike:
 - `mm_peak`: torch.mm GFLOP/s on square fp32 matrices (best of a few sizes);
 - `peflow/<recipe>`: peflow's training step (`peflow.train`: `clip_forward`,
   the gathered CLIP loss, `build_optimizer` - LAMB for `pe`, AdamW for
-  `vanilla` - and the logit-scale clamp, with mask regularization as the
-  recipe says), on a model from `peflow.models.build_model`;
+  `vanilla` and `pe-adamw` (the nano preset's, so `make demo`'s) - and the
+  logit-scale clamp, with mask regularization as the recipe says), on a model from `peflow.models.build_model`;
 - `open_clip/pieces`: open_clip's own step pieces as `train_one_epoch` runs
   them (model(images, texts) -> `ClipLoss`, backward, AdamW with open_clip's
   parameter groups, clamp);
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", default="vanilla,vanilla+compile,pe,pe+compile",
+    ap.add_argument("--recipes", default="vanilla,vanilla+compile,pe,pe+compile,pe-adamw",
                     help="peflow variants to time: <recipe>[+compile], comma-separated")
     ap.add_argument("--no-trainer", action="store_true", help="skip python -m open_clip_train.main")
     ap.add_argument("--no-trainer-malloc", action="store_true", help="skip open_clip's trainer with the allocator setting")

@@ -34,6 +34,8 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(seconds=10),
     "execution_timeout": timedelta(hours=6),
 }
+#: instances of one mapped non-training task that run at once in a DAG run (the ladder has nine evaluations)
+MAPPED_AT_ONCE = 2
 
 
 def fail_fast(fn):
@@ -99,8 +101,9 @@ def stage_task(t: orchestration.Task):
         # the mapped instance's name in the UI; a variant that is off (its training skipped) does not stop the
         # next variant's training, which waits for it only to keep one training at a time
         mapped = {"map_index_template": "{{ peflow_member }}", "trigger_rule": "none_failed"}
-        if stage.distributed:
-            mapped["max_active_tis_per_dagrun"] = 1  # a variant's members train one after another
+        # a variant's members train one after another (a training takes every core); the other stages of a
+        # many-member variant (the ladder's nine evaluations) run two at a time, not all at once
+        mapped["max_active_tis_per_dagrun"] = 1 if stage.distributed else MAPPED_AT_ONCE
 
     @task(task_id=t.id, doc_md=doc, outlets=[out], **mapped)
     @fail_fast

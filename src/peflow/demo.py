@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m peflow.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="nano")
-    p.add_argument("--recipe", default="pe", choices=list(orchestration.RECIPES))
+    p.add_argument("--recipe", choices=list(orchestration.RECIPES),
+                   help="pretraining recipe (default: the preset's; nano: pe-adamw)")
     p.add_argument("--ablation", action="store_true",
                    help="also train and evaluate the other recipe at the same budget (about twice as long)")
     p.add_argument("--engine-ablation", action="store_true",

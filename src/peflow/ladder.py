@@ -1,8 +1,9 @@
 """The paper's ablation ladder (Tab. 26): vanilla CLIP to the full PE-core recipe, one step at a time.
 
 Each step adds one piece to the step before it, so step k is the baseline
-plus the first k-1 changes, and the last step is the PE recipe of the run
-itself (same pretrain config, so its output is the main run's, reused). At a
+plus the first k-1 changes, and the last step is the paper's PE recipe (LAMB)
+at the run's budget: for a run of `pe` itself the same pretrain config, so its
+output is the main run's, reused. At a
 run's budget the steps map onto its pretrain config as the paper's do onto
 its L/14 run:
 
@@ -17,7 +18,7 @@ its L/14 run:
    step 2's);
 6. + 2D RoPE; 7. + attention pooling (CLS kept as an input);
 8. + augmentation (the run's crops, colour jitter, flips);
-9. + mask regularization: the run's PE recipe.
+9. + mask regularization: the PE recipe, `pe`.
 
 Each step is evaluated at the size it trained at last. Plain data and
 stdlib only: the DAG reads the step names at parse time.

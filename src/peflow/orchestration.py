@@ -58,8 +58,8 @@ class RunConfig:
                                                "(empty: the preset's)", min=0.0)
     overrides: str = opt("", "more stage fields: 'stage.field=value,...', e.g. 'pretrain.lr=0.002,evaluate.probes=false'")
     experiment: str = opt("peflow", "MLflow experiment name")
-    ablation: bool = opt(False, "also train and evaluate the other recipe (vanilla <-> pe) at the same budget, "
-                                "under OUT/ablation/; the report puts the two side by side")
+    ablation: bool = opt(False, "also train and evaluate the other recipe (vanilla CLIP; pe for a vanilla run) at "
+                                "the same budget, under OUT/ablation/; the report puts the two side by side")
     engine_ablation: bool = opt(False, "also finetune on video titles and descriptions instead of the engine's "
                                        "captions (paper Tab. 2), under OUT/metadata/; the report puts them side "
                                        "by side with the image-only model")

@@ -135,11 +135,11 @@ def test_trigger_over_rest_and_read_runs_from_mlflow(stack, pipeline_run):
     assert {"validate", "pretrain", "train-captioner", "caption", "validate-captions", "finetune-video",
             "align-lang", "align-spatial", "evaluate"} <= set(by_stage)
     recipes = sorted(r.data.params["recipe"] for r in children if r.data.tags["peflow.stage"] == "pretrain")
-    assert recipes == ["pe", "vanilla"]  # the ablation trained the other recipe too
+    assert recipes == ["pe-adamw", "vanilla"]  # the ablation trained the other recipe too
     assert "ablation/evaluate/zeroshot/test/top1" in parent.data.metrics
     report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.html",
                                                       tracking_uri=stack.mlflow_uri())).read_text()
-    assert "main (pe)" in report and "ablation (vanilla)" in report and "evaluate/zeroshot/test/top1" in report
+    assert "main (pe-adamw)" in report and "ablation (vanilla)" in report and "evaluate/zeroshot/test/top1" in report
     assert "metadata/evaluate/video/finetuned/zeroshot/top1" in parent.data.metrics  # the engine ablation
     assert "finetuned on title + description (a)" in report and "finetuned on the engine" in report
     assert "PE lang: question answering" in report and "PE spatial, last layer" in report

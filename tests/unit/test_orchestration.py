@@ -84,9 +84,14 @@ def test_ladder_is_one_variant_of_nine_members_each_one_step_up(tmp_path):
     assert pre["highres"].resolutions == main.resolutions
     assert pre["rope"].rope and pre["rope"].pool == "cls" and pre["attnpool"].pool == "attn"
     assert pre["augment"].recipe == "vanilla+progressive+lamb+augment"
-    # the top step is the run's own PE recipe: the same config, so the same output key (reused, not retrained)
-    assert {k: v for k, v in vars(pre["maskreg"]).items() if k != "out"} == \
-        {k: v for k, v in vars(main).items() if k != "out"}
+    # the top step is the paper's PE recipe (LAMB); the preset's short-run recipe differs only in the optimizer
+    assert pre["maskreg"].recipe == "pe" and main.recipe == "pe-adamw"
+    assert {k: v for k, v in vars(pre["maskreg"]).items() if k not in ("out", "recipe")} == \
+        {k: v for k, v in vars(main).items() if k not in ("out", "recipe")}
+    # a run of the PE recipe itself has the same config: the same output key (reused, not retrained)
+    pe_run = orchestration.resolve(_cfg(tmp_path, ladder=True, recipe="pe"))
+    assert {k: v for k, v in vars(pe_run["pretrain_ladder[maskreg]"]).items() if k != "out"} == \
+        {k: v for k, v in vars(pe_run["pretrain"]).items() if k != "out"}
     assert pre["lamb"].out == str(tmp_path / "run" / "ladder" / "lamb" / "pretrain")
     ev = cfgs["evaluate_ladder[lamb]"]
     assert ev.checkpoint == pre["lamb"].out and ev.probe_tasks == "cls" and not ev.video and ev.lang == ""
@@ -110,8 +115,9 @@ def test_ladder_resolutions_scale_onto_the_patch_grid():
 def test_presets_derive_from_nano_and_every_config_checks():
     nano, test = presets.nano(), presets.test()
     assert nano.config("pretrain").steps == 1200 and test.config("pretrain").steps == 20
-    assert test.config("pretrain").recipe == nano.config("pretrain").recipe == "pe"
+    assert test.config("pretrain").recipe == nano.config("pretrain").recipe == "pe-adamw"
     assert presets.b16().config("pretrain").model == "pe-core-b16" and presets.b16().nodes == "1x8"
+    assert {presets.get(n).config("pretrain").recipe for n in ("b16", "l14", "g14")} == {"pe"}  # LAMB
     assert presets.l14().config("pretrain").global_batch == 131_072
     for name in presets.names():
         for t, cfg in orchestration.resolve(orchestration.RunConfig(out="/x", preset=name)).items():

@@ -358,11 +358,12 @@ def _ladder_step(stage: str, cfg: Any, member: str) -> Mapping[str, Any]:
     return ladder.pretrain_changes(member, cfg, p.patch_size, p.image_size)
 
 
-#: The recipe ablation: pretraining with the other recipe (vanilla <-> pe) at the same budget, evaluated on
-#: images and (image-only, frame-averaged) on videos; the video chain is not remade.
+#: The recipe ablation: pretraining with the other recipe (vanilla CLIP; pe for a vanilla run) at the same budget,
+#: evaluated on images and (image-only, frame-averaged) on videos; the video chain is not remade.
 ABLATION = "ablation"
 register_variant(Variant(
-    name=ABLATION, param="ablation", summary="the other pretraining recipe (vanilla <-> pe) at the same budget",
+    name=ABLATION, param="ablation",
+    summary="the other pretraining recipe (vanilla CLIP; pe for a vanilla run) at the same budget",
     roots=tuple(s.name for s in all_stages() if s.ablation), change=_other_recipe, only=("pretrain", "evaluate")))
 #: The engine ablation (paper Tab. 2): video finetuning on title + description instead of the engine's captions.
 register_variant(Variant(
