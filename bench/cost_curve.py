@@ -1,13 +1,14 @@
 """What a longer run buys: the recipes at several budgets, robustness against training time.
 
-    python bench/cost_curve.py --data CORPUS --root /tmp/cost                 # 1500, 3000, 9000 steps
+    python bench/cost_curve.py --data CORPUS --root /tmp/cost                 # 1500, 3000, 12000 steps
     python bench/cost_curve.py --data CORPUS --root /tmp/cost --steps 1500,3000
-    python bench/cost_curve.py --data CORPUS --root /tmp/cost --pairs vanilla@9000,pe@1500
+    python bench/cost_curve.py --data CORPUS --root /tmp/cost --pairs vanilla@12000,pe@1500
 
 Each (recipe, steps) pair is a `bench/recipe_sweep.py` variant over the preset's pretrain config
 (trained through TorchX, evaluated through the stage runner; a pair already made is reused from
-ROOT or the output store). On 2 cores the nano model takes about 0.2 s a step with 2 processes,
-so 1500, 3000 and 9000 steps are about 5, 10 and 30 minutes of training. Writes
+ROOT or the output store). On 2 idle cores the nano model takes 0.14-0.16 s a step with 2 processes
+(vanilla, at one resolution, 0.16; the PE recipes' progressive resolution less), so 1500, 3000 and 12000
+steps are about 4, 8 and 30 minutes of training. Writes
 bench/results/cost_curve.json and the plot docs/img/cost_curve.png: shape top-1 on atypical
 colours and the robustness average against the measured training minutes, a line per recipe.
 """
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--root", required=True, help="folder for the runs' outputs")
     ap.add_argument("--preset", default="nano")
     ap.add_argument("--nodes", default="2x1")
-    ap.add_argument("--steps", default="1500,3000,9000", help="comma-separated step budgets")
+    ap.add_argument("--steps", default="1500,3000,12000", help="comma-separated step budgets")
     ap.add_argument("--recipes", default="vanilla,pe,pe-adamw")
     ap.add_argument("--pairs", help="comma-separated RECIPE@STEPS, in place of every recipe at every budget")
     ap.add_argument("--out", default=str(RESULTS))
