@@ -70,7 +70,7 @@ def main() -> None:
         results[f"{s}_time_ratio_4x_over_1x"] = round(four / one, 2) if one else None
     report = {"bench": "video_engine", "host": platform.node(), "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg(), "summarizer": args.summarizer,
-              "captioner": str(args.captioner), "results": results}
+              "captioner": Path(args.captioner).name, "results": results}  # no path of this machine
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"time 4x / 1x: " + ", ".join(f"{s} {results[f'{s}_time_ratio_4x_over_1x']}"

@@ -43,8 +43,9 @@ class Config:
     out: str = opt("", "Output folder for the final model; checkpoints go to OUT.ckpt beside it.")
     model: str = opt("nano", "Model preset: nano, micro, small-cpu or an official size (T/S/B/L/G).",
                      choices=_model_presets)
-    recipe: str = opt("pe", "Training recipe: `pe` (robust PE-core), `vanilla` (CLIP baseline), or either plus "
-                            "pieces of PE's: `vanilla+progressive+lamb+augment+mask_reg` is `pe`.")
+    recipe: str = opt("pe", "Training recipe: `pe` (robust PE-core), `vanilla` (CLIP baseline), `pe-adamw` (PE with "
+                            "AdamW for short runs), or vanilla plus pieces of PE's: "
+                            "`vanilla+progressive+lamb+augment+mask_reg` is `pe`.")
     rope: bool = opt(True, "2D RoPE in the vision tower's attention (off: absolute position embedding only).")
     pool: str = opt("attn", "Image embedding: `attn` (attention pooling) or `cls` (the class token's output).",
                     choices=("attn", "cls"))
