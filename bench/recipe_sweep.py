@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds = r["train_s"] if r["train_s"] is not None else r["pretrain_wall_s"]  # a reused run: its own time
         print(f"| {name} | " + " | ".join(cells) + f" | {probe} | {seconds:.0f} |")
     # the corpus folder's name only: no path of this machine in a committed result
-    report = {"preset": args.preset, "nodes": args.nodes, "data": Path(args.data).name, "load_avg": os.getloadavg(),
-              "variants": rows}
+    report = {"preset": args.preset, "nodes": args.nodes, "data": Path(args.data).name,
+              "load_avg": os.getloadavg(), "variants": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

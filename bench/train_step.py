@@ -13,7 +13,8 @@ contender alike:
 - `peflow/<recipe>`: peflow's training step (`peflow.train`: `clip_forward`,
   the gathered CLIP loss, `build_optimizer` - LAMB for `pe`, AdamW for
   `vanilla` and `pe-adamw` (the nano preset's, so `make demo`'s) - and the
-  logit-scale clamp, with mask regularization as the recipe says), on a model from `peflow.models.build_model`;
+  logit-scale clamp, with mask regularization as the recipe says), on a
+  model from `peflow.models.build_model`;
 - `open_clip/pieces`: open_clip's own step pieces as `train_one_epoch` runs
   them (model(images, texts) -> `ClipLoss`, backward, AdamW with open_clip's
   parameter groups, clamp);
