@@ -58,7 +58,7 @@ def test_candidate_and_champion_follow_training_and_evaluation(tiny_corpus: Path
     assert _aliases(client) == {"candidate": "2"}
     runs = mlflow.search_runs(experiment_names=["peflow"], output_format="list")
     v1 = client.get_model_version(registry.CORE, "1")
-    assert v1.tags["peflow.preset"] == "test" and v1.tags["peflow.recipe"] == "pe"
+    assert v1.tags["peflow.preset"] == "test" and v1.tags["peflow.recipe"] == "pe-adamw"  # the test preset's
     assert v1.tags["peflow.run_id"] == v1.run_id and v1.run_id in {r.info.run_id for r in runs}
 
     first = registry.record_evaluation(digests[1], {KEY: 0.5, "zeroshot/test/top5": 0.9})
