@@ -32,6 +32,7 @@ from typing import Any
 
 from peflow.train.recipe import parse_resolutions  # stdlib only
 
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One step of the ladder, with the paper's numbers for it at L/14: Tab. 26's ImageNet val and
